@@ -1,0 +1,42 @@
+// Entry points of the CPU and CUDA kernels. Shapes: x [M, K] row-major, packed
+// weights [N, K / weights_per_byte], scale float32 [N, groups], zero uint8
+// [N, groups] (asymmetric INT4 only, else null), y [M, N]. group == 0 means one
+// scale per output row. The binding validates arguments before calling these.
+#pragma once
+#include <cstdint>
+
+namespace bitkernel {
+
+// Writes the canonical packed weights; with compute_scale the format's default
+// scale rule (absmean for ternary, absmax for INT8/INT4) fills scale (and zero).
+void quantize_cpu(int fmt, const float* w, int64_t N, int64_t K, int64_t group, bool symmetric,
+                  bool compute_scale, float* scale, uint8_t* zero, uint8_t* q);
+void dequantize_cpu(int fmt, const uint8_t* q, const float* scale, const uint8_t* zero, int64_t N,
+                    int64_t K, int64_t group, void* out, int dtype);
+// y = x @ W.T (+ bias); act_int8 quantizes each row of x to int8 first (W8A8 / W1.58A8).
+void linear_cpu(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
+                const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
+                bool act_int8, void* y);
+const char* cpu_features();
+
+#ifdef BITKERNEL_WITH_CUDA
+void quantize_cuda(int fmt, const float* w, int64_t N, int64_t K, int64_t group, bool symmetric,
+                   bool compute_scale, float* scale, uint8_t* zero, uint8_t* q, uintptr_t stream);
+void dequantize_cuda(int fmt, const uint8_t* q, const float* scale, const uint8_t* zero, int64_t N,
+                     int64_t K, int64_t group, void* out, int dtype, uintptr_t stream);
+// Weight-only product for M <= 16: streams the packed weights once.
+void gemv_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
+               const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
+               void* y, uintptr_t stream);
+// Per-token int8 quantization into xq [M, round_up(K, 64)] (zero padded) and xs [M].
+void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* xq, float* xs,
+                       uintptr_t stream);
+// INT8 tensor-core product of quantized activations and ternary or INT8 weights.
+void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t K,
+                  const uint8_t* q, const float* scale, int64_t N, const void* bias, int dtype,
+                  void* y, uintptr_t stream);
+// Throws bitkernel::Error naming the CUDA error after a launch.
+void check_launch(const char* what);
+#endif
+
+}  // namespace bitkernel

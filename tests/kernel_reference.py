@@ -1,0 +1,68 @@
+"""Independent plain-PyTorch reference of the canonical formats (docs/FORMAT.md).
+
+Nothing here calls bitkernel: the tests compare the kernels against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WPB = {"ternary": 4, "int8": 1, "int4": 2}
+
+
+def unpack_codes(fmt: str, qweight: torch.Tensor) -> torch.Tensor:
+    """Packed bytes -> stored integer codes [N, K] (ternary: 0..2, int4: 0..15, int8: -127..127)."""
+    if fmt == "int8":
+        return qweight.to(torch.int32)
+    bits = 8 // WPB[fmt]
+    q = qweight.to(torch.int32)
+    fields = [(q >> (bits * j)) & ((1 << bits) - 1) for j in range(WPB[fmt])]
+    return torch.stack(fields, dim=-1).reshape(q.shape[0], -1)
+
+
+def pack_codes(fmt: str, codes: torch.Tensor) -> torch.Tensor:
+    """Stored integer codes [N, K] -> packed bytes, the inverse of unpack_codes."""
+    if fmt == "int8":
+        return codes.to(torch.int8)
+    wpb, bits = WPB[fmt], 8 // WPB[fmt]
+    c = codes.to(torch.int32).reshape(codes.shape[0], -1, wpb)
+    out = torch.zeros(c.shape[:2], dtype=torch.int32)
+    for j in range(wpb):
+        out |= c[..., j] << (bits * j)
+    return out.to(torch.uint8)
+
+
+def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """[N, groups] -> [N, K], each group's value repeated over its columns."""
+    if group_size == 0:
+        return t.expand(t.shape[0], k)
+    return t.repeat_interleave(group_size, dim=1)[:, :k]
+
+
+def dequantize(fmt, qweight, scale, zero, k, group_size) -> torch.Tensor:
+    codes = unpack_codes(fmt, qweight.cpu()).to(torch.float64)
+    s = expand_groups(scale.cpu().to(torch.float64), k, group_size)
+    if fmt == "ternary":
+        return (codes - 1) * s
+    if fmt == "int4":
+        z = 8.0 if zero is None else expand_groups(zero.cpu().to(torch.float64), k, group_size)
+        return (codes - z) * s
+    return codes * s
+
+
+def quantize_act(x: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 fake quantization: the value the kernels multiply with."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(s > 0, torch.round(xf / s).clamp(-127, 127), torch.zeros_like(xf))
+    return q.double() * s.double()
+
+
+def linear(x, fmt, qweight, scale, zero, group_size, bias=None, act_int8=False) -> torch.Tensor:
+    k = x.shape[-1]
+    w = dequantize(fmt, qweight, scale, zero, k, group_size)
+    xr = quantize_act(x.cpu()) if act_int8 else x.cpu().double()
+    y = xr @ w.T
+    if bias is not None:
+        y = y + bias.cpu().double()
+    return y

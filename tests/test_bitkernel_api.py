@@ -1,0 +1,128 @@
+"""bitkernel's Python API: torch op registration, nn modules, bad input, build properties."""
+
+import subprocess
+
+import pytest
+import torch
+
+import bitkernel
+import bitkernel._lib as lib
+import bitkernel.functional as F
+from bitkernel.nn import Int4Linear, Int8Linear, TernaryLinear
+
+
+def test_info_reports_build():
+    i = bitkernel.info()
+    assert i["version"] == bitkernel.__version__
+    assert isinstance(i["cuda"], bool) and "cpu_features" in i
+
+
+def test_compiled_module_links_no_torch():
+    out = subprocess.run(["ldd", bitkernel._lib.C.__file__], capture_output=True, text=True).stdout
+    for lib_name in ("libtorch", "libc10", "libcudart.so"):
+        assert lib_name not in out, out
+
+
+@pytest.mark.parametrize(
+    "fmt,group,a8", [("ternary", 0, False), ("int4", 64, False), ("int8", 0, True), ("ternary", 0, True)]
+)
+def test_opcheck(device, fmt, group, a8):
+    gen = torch.Generator().manual_seed(0)
+    qw = F.quantize(torch.randn(24, 128, generator=gen).to(device), fmt, group)
+    x = torch.randn(5, 128, generator=gen).to(device, torch.bfloat16)
+    bias = torch.randn(24, generator=gen).to(device, torch.bfloat16)
+    from bitkernel.formats import FORMAT_CODES
+
+    torch.library.opcheck(
+        torch.ops.bitkernel.linear.default, (x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[fmt], group, a8)
+    )
+
+
+def test_torch_compile_traces_the_op():
+    lin = TernaryLinear.from_linear(torch.nn.Linear(64, 16).to(torch.bfloat16))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    compiled = torch.compile(lin, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), lin(x))
+
+
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (TernaryLinear, {}),
+        (Int8Linear, {}),
+        (Int4Linear, {"group_size": 64}),
+        (Int4Linear, {"group_size": 128, "symmetric": False}),
+        (TernaryLinear, {"act_int8": True}),
+    ],
+)
+def test_modules_round_trip(device, cls, kw):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 40).to(device, torch.bfloat16)
+    q = cls.from_linear(dense, **kw)
+    x = torch.randn(4, 256, device=device, dtype=torch.bfloat16)
+    y = q(x)
+    ref = torch.nn.functional.linear(x.double(), q.dequantized_weight().double(), q.bias.double())
+    tol = 4e-2 if kw.get("act_int8") else 2e-2
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+    # state_dict round trip into a fresh module
+    sd = q.state_dict()
+    assert set(sd) >= {"qweight", "scale", "bias"}
+    fresh = cls(256, 40, **kw).to(device)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), y)
+    # .to(dtype) moves activations' dtype but never the float32 scales or the codes
+    q16 = q.to(torch.float16)
+    assert q16.scale.dtype == torch.float32 and torch.equal(q16.qweight, q.qweight)
+
+
+def test_low_rank_branch_adds_and_removes_exactly(device):
+    torch.manual_seed(1)
+    q = TernaryLinear.from_linear(torch.nn.Linear(128, 32).to(device, torch.bfloat16))
+    x = torch.randn(6, 128, device=device, dtype=torch.bfloat16)
+    base = q(x)
+    down = torch.randn(8, 128, device=device, dtype=torch.bfloat16) * 0.1
+    up = torch.randn(32, 8, device=device, dtype=torch.bfloat16) * 0.1
+    q.set_lora(down, up)
+    assert torch.allclose(q(x).float(), base.float() + (x @ down.T @ up.T).float(), atol=2e-2)
+    sd = q.state_dict()
+    assert "lora_down" in sd
+    fresh = TernaryLinear(128, 32).to(device)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), q(x))
+    q.set_lora(None, None)
+    assert torch.equal(q(x), base)
+
+
+def test_bad_input_messages():
+    qw = F.quantize(torch.randn(8, 64), "ternary")
+    with pytest.raises(TypeError, match="must be"):
+        F.linear(torch.randint(0, 3, (2, 64)), qw)
+    with pytest.raises(ValueError, match="x has 60 features"):
+        F.linear(torch.randn(2, 60), qw)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        F.quantize(torch.randn(8, 62), "ternary")
+    with pytest.raises(ValueError, match="multiple of 2"):
+        F.quantize(torch.randn(8, 63), "int4", group_size=0)
+    with pytest.raises(ValueError, match="bias must be"):
+        F.linear(torch.randn(2, 64), qw, torch.zeros(7))
+    with pytest.raises(ValueError, match="group_size=0"):
+        F.linear(torch.randn(2, 128), F.quantize(torch.randn(8, 128), "ternary", 64), act_int8=True)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        F.quantize(torch.randn(8, 64), "int3")
+    with pytest.raises(ValueError, match="2-D"):
+        F.quantize(torch.randn(64), "int8")
+    with pytest.raises(ValueError, match="qweight must be"):
+        F.QuantizedWeight("ternary", torch.zeros(8, 15, dtype=torch.uint8), torch.ones(8, 1), None, 64).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_mismatch_message():
+    qw = F.quantize(torch.randn(8, 64), "ternary")
+    with pytest.raises(ValueError, match="move them together"):
+        F.linear(torch.randn(2, 64, device="cuda", dtype=torch.float16), qw)
+
+
+def test_cpu_only_build_message(monkeypatch):
+    monkeypatch.setattr(lib, "HAS_CUDA", False)
+    with pytest.raises(RuntimeError, match="built without CUDA.*nvcc"):
+        lib.require_cuda()

@@ -1,0 +1,101 @@
+"""The quantized linear product against dequantize-then-matmul in float64."""
+
+import pytest
+import torch
+
+import bitkernel.functional as F
+
+from kernel_reference import linear as ref_linear
+
+MS = [1, 2, 7, 16, 33, 512, 4608]
+DTYPES = [torch.float16, torch.bfloat16]
+CASES = [  # fmt, group_size, symmetric, act_int8
+    ("ternary", 0, True, False),
+    ("ternary", 64, True, False),
+    ("int8", 0, True, False),
+    ("int4", 64, True, False),
+    ("int4", 128, False, False),
+    ("ternary", 0, True, True),
+    ("int8", 0, True, True),
+]
+
+
+def rel_err(y, ref):
+    return ((y.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make(fmt, group, sym, n, k, device, gen, bias_dtype=None):
+    w = torch.randn(n, k, generator=gen) * 0.05
+    qw = F.quantize(w.to(device), fmt, group, sym)
+    bias = None if bias_dtype is None else (torch.randn(n, generator=gen) * 0.1).to(device, bias_dtype)
+    return qw, bias
+
+
+def check(x, qw, bias, act_int8, tol):
+    y = F.linear(x, qw, bias, act_int8)
+    assert y.dtype == x.dtype and y.device == x.device and y.shape == (*x.shape[:-1], qw.out_features)
+    ref = ref_linear(
+        x,
+        qw.fmt,
+        qw.qweight.cpu(),
+        qw.scale.cpu(),
+        None if qw.zero is None else qw.zero.cpu(),
+        qw.group_size,
+        bias,
+        act_int8,
+    )
+    assert torch.isfinite(y).all()
+    err = rel_err(y, ref)
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("fmt,group,sym,a8", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_linear_odd_shapes(device, fmt, group, sym, a8, dtype, m):
+    gen = torch.Generator().manual_seed(m * 31 + len(fmt))
+    # Odd N, K an odd multiple of the packing; large M with a small layer keeps the CPU run short.
+    n, k = (131, 4 * 75) if m <= 512 else (19, 4 * 17)
+    qw, bias = make(fmt, group, sym, n, k, device, gen, dtype)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    # bf16 outputs carry ~2^-9 relative rounding; int8 activations add their own error to the reference's.
+    check(x, qw, bias, a8, 2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("fmt,group,sym,a8", CASES)
+def test_linear_flux_like_shape_and_leading_dims(device, fmt, group, sym, a8):
+    gen = torch.Generator().manual_seed(5)
+    qw, bias = make(fmt, group, sym, 96, 3072 // 4, device, gen, torch.bfloat16)
+    x = torch.randn(2, 3, 5, 768, generator=gen).to(device, torch.bfloat16)
+    check(x, qw, bias, a8, 2e-2)
+    # Non-contiguous input: copied, same result as its contiguous copy.
+    xt = torch.randn(768, 6, generator=gen).to(device, torch.bfloat16).T
+    assert not xt.is_contiguous()
+    assert torch.equal(F.linear(xt, qw, bias, a8), F.linear(xt.contiguous(), qw, bias, a8))
+
+
+@pytest.mark.parametrize("fmt,group,sym,a8", CASES)
+def test_zero_rows_columns_and_extreme_scales(device, fmt, group, sym, a8):
+    gen = torch.Generator().manual_seed(9)
+    n, k = 67, 256
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-6, 3, n).unsqueeze(1)
+    w[4] = 0
+    w[:, 10:20] = 0
+    qw = F.quantize(w.to(device), fmt, group, sym)
+    x = torch.randn(9, k, generator=gen).to(device, torch.bfloat16)  # bf16: its range holds every row's outputs
+    x[2] = 0  # a zero row of activations
+    y = F.linear(x, qw, None, a8)
+    assert torch.all(y[:, 4] == 0) and torch.all(y[2] == 0)
+    ref = ref_linear(
+        x, fmt, qw.qweight.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu(), group, None, a8
+    )
+    # Per column, since the row scales span nine decades.
+    colerr = (y.double().cpu() - ref).norm(dim=0) / ref.norm(dim=0).clamp_min(1e-300)
+    assert colerr[ref.norm(dim=0) > 0].max() < 2e-2
+
+
+def test_float32_on_cpu_and_empty_batch():
+    gen = torch.Generator().manual_seed(2)
+    qw, bias = make("ternary", 0, True, 33, 64, "cpu", gen, torch.float32)
+    check(torch.randn(3, 64, generator=gen), qw, bias, False, 1e-5)
+    assert F.linear(torch.randn(0, 64), qw, bias).shape == (0, 33)
