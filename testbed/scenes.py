@@ -36,7 +36,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 CATEGORIES = ("single", "two", "counting", "colors", "position", "color_attr")
 
 VOCAB = (
-    ("<pad>", "a", "and", "of", "left", "right", "above", "below")
+    ("<pad>", "a", "an", "and", "of", "left", "right", "above", "below")
     + NUMBERS
     + SHAPES
     + PLURALS
@@ -57,10 +57,15 @@ SIZE_RANGE = {
 GAP = 3.0  # min pixels between object boxes, so same-coloured objects never merge
 MARGIN = 2.0  # min pixels between an object and the image border
 RING_INNER = 0.55  # inner radius of a ring, as a fraction of the outer radius
-CROSS_ARM = 1.0 / 3.0  # half-width of a cross arm, as a fraction of the half-size
+CROSS_ARM = 0.3  # half-width of a cross arm, as a fraction of the half-size
 # A position layout is accepted only if the off-axis offset is at most this fraction
 # of the on-axis offset: then GenEval's relation rule yields exactly one relation.
 RELATION_SLOPE = 0.4
+
+
+def _a(word: str) -> str:
+    """Word with its indefinite article ("an orange")."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,11 @@ class Spec:
             noun = SHAPES[s[0]] if n == 1 else PLURALS[s[0]]
             return f"{NUMBERS[n - 1]} {noun}"
         if self.category == "colors":
-            return f"a {COLORS[c[0]]} {SHAPES[s[0]]}"
+            return f"{_a(COLORS[c[0]])} {SHAPES[s[0]]}"
         if self.category == "position":
             return f"a {SHAPES[s[0]]} {RELATIONS[self.relation]} a {SHAPES[s[1]]}"
         if self.category == "color_attr":
-            return f"a {COLORS[c[0]]} {SHAPES[s[0]]} and a {COLORS[c[1]]} {SHAPES[s[1]]}"
+            return f"{_a(COLORS[c[0]])} {SHAPES[s[0]]} and {_a(COLORS[c[1]])} {SHAPES[s[1]]}"
         raise ValueError(f"unknown category {self.category!r}")
 
 
@@ -133,19 +138,18 @@ class SpecTable:
         return len(self.specs)
 
 
-def shape_masks(
-    shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, hx: torch.Tensor, hy: torch.Tensor,
-    size: int = IMAGE_SIZE,
+def all_shape_masks(
+    cx: torch.Tensor, cy: torch.Tensor, hx: torch.Tensor, hy: torch.Tensor, size: int = IMAGE_SIZE
 ) -> torch.Tensor:
-    """Boolean masks [N, size, size] of shapes with centre (cx, cy) and half extents
-    (hx, hy), axis aligned, each filling its box.  The scorer uses the same function
-    as templates, so ground truth and templates rasterise identically."""
+    """Boolean masks [N, n_shapes, size, size]: every shape with centre (cx, cy) and
+    half extents (hx, hy), axis aligned, each filling its box.  The scorer uses
+    these as templates, so ground truth and templates rasterise identically."""
     grid = torch.arange(size, device=cx.device, dtype=torch.float32) + 0.5
     u = (grid.view(1, 1, size) - cx.view(-1, 1, 1)) / hx.view(-1, 1, 1)
     v = (grid.view(1, size, 1) - cy.view(-1, 1, 1)) / hy.view(-1, 1, 1)
     inside_box = (u.abs() <= 1) & (v.abs() <= 1)
     r2 = u * u + v * v
-    masks = torch.stack(
+    return torch.stack(
         [
             r2 <= 1,
             inside_box,
@@ -155,6 +159,14 @@ def shape_masks(
         ],
         dim=1,
     )
+
+
+def shape_masks(
+    shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, hx: torch.Tensor, hy: torch.Tensor,
+    size: int = IMAGE_SIZE,
+) -> torch.Tensor:
+    """Boolean masks [N, size, size] of shape[i] drawn at (cx, cy, hx, hy)[i]."""
+    masks = all_shape_masks(cx, cy, hx, hy, size)
     return masks.gather(1, shape.clamp(min=0).view(-1, 1, 1, 1).expand(-1, 1, size, size)).squeeze(1)
 
 

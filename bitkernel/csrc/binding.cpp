@@ -95,6 +95,7 @@ PYBIND11_MODULE(_C, m) {
     check_format(fmt, K, group);
     dequantize_cuda(fmt, ptr<const uint8_t>(q), ptr<const float>(scale), ptr<const uint8_t>(zero), N, K, group, ptr<void>(out), dtype, stream);
   });
+  m.attr("GEMV_MAX_M") = kGemvMaxM;
   m.def("gemv_cuda", [](int fmt, uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t q, uintptr_t scale,
                         uintptr_t zero, int64_t group, int64_t N, uintptr_t bias, uintptr_t y, uintptr_t stream) {
     check_format(fmt, K, group);

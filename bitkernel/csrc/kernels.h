@@ -24,7 +24,9 @@ void quantize_cuda(int fmt, const float* w, int64_t N, int64_t K, int64_t group,
                    bool compute_scale, float* scale, uint8_t* zero, uint8_t* q, uintptr_t stream);
 void dequantize_cuda(int fmt, const uint8_t* q, const float* scale, const uint8_t* zero, int64_t N,
                      int64_t K, int64_t group, void* out, int dtype, uintptr_t stream);
-// Weight-only product for M <= 16: streams the packed weights once.
+// Weight-only product for M <= kGemvMaxM: streams the packed weights once. Above
+// that, CUDA cores lose to tensor cores and the caller expands the weights for cuBLAS.
+constexpr int kGemvMaxM = 4;
 void gemv_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
                void* y, uintptr_t stream);

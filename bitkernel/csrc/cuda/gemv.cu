@@ -1,39 +1,24 @@
-// Weight-only product for small M (M <= 16): y = x @ W.T * s (+ bias).
+// Weight-only product for small M (M <= kGemvMaxM): y = x @ W.T * s (+ bias).
 //
-// At small M the product is bound by reading the weights, so each warp owns one
-// output row and streams its packed bytes exactly once, 16 bytes per lane per
-// step (64 ternary, 32 INT4 or 16 INT8 weights). The weights of one 16-byte
-// chunk are decoded into registers 8 at a time and reused for every row of x;
-// x itself is tiny and stays in L1/L2. Scale groups are multiples of the chunk,
-// so each chunk takes one scale. A scalar path serves shapes or pointers that
-// are not 16-byte aligned.
+// At small M the product is bound by reading the weights, so the kernel streams
+// each packed byte exactly once: a warp owns ROWS output rows and each lane
+// takes 8 bytes of every row per step (32 ternary, 16 INT4 or 8 INT8 weights).
+// The x values a lane needs are loaded and converted once and reused for every
+// row of the warp.
+//
+// Decoding (decode.cuh) uses no int-to-float conversions. Scale groups are
+// multiples of the 8-byte chunk, so each chunk takes one scale. A scalar path
+// serves shapes or pointers that are not 8-byte aligned.
+#include <string>
+
+#include "cuda/decode.cuh"
 #include "cuda/device.cuh"
 #include "kernels.h"
 
 namespace bitkernel {
 namespace {
 
-template <int FMT> struct Chunk;
-template <> struct Chunk<TERNARY> { static constexpr int W = 64, WPB = 4; };
-template <> struct Chunk<INT4> { static constexpr int W = 32, WPB = 2; };
-template <> struct Chunk<INT8> { static constexpr int W = 16, WPB = 1; };
-
-// Decode weights 8j .. 8j+7 of a 16-byte chunk held in four words.
-template <int FMT>
-__device__ __forceinline__ void decode8(const uint32_t (&w)[4], int j, float z, float (&out)[8]) {
-  if constexpr (FMT == TERNARY) {
-    const uint32_t bits = w[j >> 1] >> ((j & 1) * 16);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = static_cast<float>(static_cast<int>((bits >> (2 * i)) & 3u) - 1);
-  } else if constexpr (FMT == INT4) {
-    const uint32_t bits = w[j];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = static_cast<float>((bits >> (4 * i)) & 15u) - z;
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = static_cast<float>(static_cast<int8_t>(w[2 * j + (i >> 2)] >> (8 * (i & 3))));
-  }
-}
+constexpr int ROWS = 2, CHUNK_BYTES = 8, UNROLL = 4;
 
 template <int FMT>
 __device__ __forceinline__ float decode_one(const uint8_t* row, int64_t k, float z) {
@@ -42,74 +27,122 @@ __device__ __forceinline__ float decode_one(const uint8_t* row, int64_t k, float
   else return static_cast<float>(static_cast<int8_t>(row[k]));
 }
 
+// Loads 4 * WPB consecutive x values (8-byte aligned) as floats.
+template <typename T, int N>
+__device__ __forceinline__ void load_x(const T* p, float (&out)[N]) {
+  static_assert(N % 4 == 0, "x loads come in groups of four");
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p + i);
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[i + j] = to_f32(e[j]);
+  }
+}
+
 template <int FMT, typename T, int MT, bool VEC>
 __global__ void __launch_bounds__(128) gemv_kernel(const T* __restrict__ x, int M, int64_t K,
                                                    const uint8_t* __restrict__ q, const float* __restrict__ scale,
                                                    const uint8_t* __restrict__ zero, int64_t group, int64_t N,
                                                    const T* __restrict__ bias, T* __restrict__ y) {
-  constexpr int CW = Chunk<FMT>::W;
+  constexpr int WPB = Codes<FMT>::WPB, CW = CHUNK_BYTES * WPB, WW = 4 * WPB;  // weights per chunk / per word
   const int lane = threadIdx.x & 31;
-  const int64_t n = blockIdx.x * 4LL + (threadIdx.x >> 5);
-  if (n >= N) return;
+  const int64_t n0 = (blockIdx.x * 4LL + (threadIdx.x >> 5)) * ROWS;
+  if (n0 >= N) return;
   const int64_t G = group == 0 ? 1 : (K + group - 1) / group, gs = group == 0 ? K : group;
-  const uint8_t* row = q + n * (K / Chunk<FMT>::WPB);
-  float acc[MT];
+  const int64_t rb = K / WPB;
+  const uint8_t* rows[ROWS];
+  bool live[ROWS];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+  for (int r = 0; r < ROWS; ++r) {
+    live[r] = n0 + r < N;
+    rows[r] = q + (live[r] ? n0 + r : n0) * rb;
+  }
+  float acc[ROWS][MT];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
   const int64_t nchunks = (K + CW - 1) / CW;
-  for (int64_t c = lane; c < nchunks; c += 32) {
-    const int64_t k0 = c * CW;
-    float part[MT];
+  if constexpr (VEC) {
+    // All UNROLL loads of a lane are issued before any is used: at M = 1 the
+    // kernel is bound by how many bytes are in flight, not by arithmetic.
+    for (int64_t base = 0; base < nchunks; base += 32 * UNROLL) {
+      uint2 wv[UNROLL][ROWS];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) part[m] = 0.f;
-    if constexpr (VEC) {
-      const int64_t gi = n * G + k0 / gs;
-      const float z = zero ? static_cast<float>(zero[gi]) : 8.f;
-      const uint4 wv = __ldg(reinterpret_cast<const uint4*>(row) + c);
-      const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t c = base + u * 32 + lane;
 #pragma unroll
-      for (int j = 0; j < CW / 8; ++j) {
-        float w8[8];
-        decode8<FMT>(words, j, z, w8);
+        for (int r = 0; r < ROWS; ++r)
+          wv[u][r] = c < nchunks ? __ldg(reinterpret_cast<const uint2*>(rows[r]) + c) : make_uint2(0, 0);
+      }
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m < M) {
-            const uint4 xv = *reinterpret_cast<const uint4*>(x + m * K + k0 + j * 8);
-            const T* xe = reinterpret_cast<const T*>(&xv);
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t c = base + u * 32 + lane, k0 = c * CW;
+        if (c >= nchunks) break;
+        float s[ROWS], off[ROWS];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) part[m] = fmaf(to_f32(xe[i]), w8[i], part[m]);
+        for (int r = 0; r < ROWS; ++r) {
+          const int64_t gi = (live[r] ? n0 + r : n0) * G + k0 / gs;
+          s[r] = scale[gi];
+          off[r] = 8388608.f + (FMT == TERNARY ? 1.f : FMT == INT8 ? 128.f : (zero ? static_cast<float>(zero[gi]) : 8.f));
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // the two words of the chunk
+          float w[ROWS][WW];
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) decode_word<FMT>(h ? wv[u][r].y : wv[u][r].x, off[r], w[r]);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            if (m < M) {
+              float xf[WW];
+              load_x(x + m * K + k0 + h * WW, xf);
+#pragma unroll
+              for (int r = 0; r < ROWS; ++r) {
+                float p = 0.f;
+#pragma unroll
+                for (int i = 0; i < WW; ++i) p = fmaf(xf[i], w[r][i], p);
+                acc[r][m] = fmaf(p, s[r], acc[r][m]);
+              }
+            }
           }
         }
       }
-#pragma unroll
-      for (int m = 0; m < MT; ++m) acc[m] = fmaf(part[m], scale[gi], acc[m]);
-    } else {
+    }
+  } else {
+    for (int64_t c = lane; c < nchunks; c += 32) {
+      const int64_t k0 = c * CW;
       for (int64_t k = k0; k < k0 + CW && k < K; ++k) {
-        const int64_t gi = n * G + k / gs;
-        const float w = decode_one<FMT>(row, k, zero ? static_cast<float>(zero[gi]) : 8.f) * scale[gi];
 #pragma unroll
-        for (int m = 0; m < MT; ++m)
-          if (m < M) acc[m] = fmaf(to_f32(x[m * K + k]), w, acc[m]);
+        for (int r = 0; r < ROWS; ++r) {
+          const int64_t gi = (live[r] ? n0 + r : n0) * G + k / gs;
+          const float w = decode_one<FMT>(rows[r], k, zero ? static_cast<float>(zero[gi]) : 8.f) * scale[gi];
+#pragma unroll
+          for (int m = 0; m < MT; ++m)
+            if (m < M) acc[r][m] = fmaf(to_f32(x[m * K + k]), w, acc[r][m]);
+        }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    float v = acc[m];
+  for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0 && m < M) y[m * N + n] = from_f32<T>(bias ? v + to_f32(bias[n]) : v);
-  }
+    for (int m = 0; m < MT; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0 && m < M && live[r]) y[m * N + n0 + r] = from_f32<T>(bias ? v + to_f32(bias[n0 + r]) : v);
+    }
 }
 
 template <int FMT, typename T, int MT>
 void launch(const void* x, int M, int64_t K, const uint8_t* q, const float* scale, const uint8_t* zero,
             int64_t group, int64_t N, const void* bias, void* y, cudaStream_t s) {
-  constexpr int CW = Chunk<FMT>::W;
+  constexpr int CW = CHUNK_BYTES * Codes<FMT>::WPB;
   const bool vec = K % CW == 0 && (group == 0 || group % CW == 0) &&
-                   reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0;
-  const dim3 grid(static_cast<unsigned>((N + 3) / 4));
+                   reinterpret_cast<uintptr_t>(x) % 8 == 0 && reinterpret_cast<uintptr_t>(q) % 8 == 0;
+  const dim3 grid(static_cast<unsigned>((N + 4 * ROWS - 1) / (4 * ROWS)));
   auto* xt = static_cast<const T*>(x);
   auto* bt = static_cast<const T*>(bias);
   auto* yt = static_cast<T*>(y);
@@ -122,16 +155,14 @@ void launch_m(const void* x, int M, int64_t K, const uint8_t* q, const float* sc
               int64_t group, int64_t N, const void* bias, void* y, cudaStream_t s) {
   if (M <= 1) launch<FMT, T, 1>(x, M, K, q, scale, zero, group, N, bias, y, s);
   else if (M <= 2) launch<FMT, T, 2>(x, M, K, q, scale, zero, group, N, bias, y, s);
-  else if (M <= 4) launch<FMT, T, 4>(x, M, K, q, scale, zero, group, N, bias, y, s);
-  else if (M <= 8) launch<FMT, T, 8>(x, M, K, q, scale, zero, group, N, bias, y, s);
-  else launch<FMT, T, 16>(x, M, K, q, scale, zero, group, N, bias, y, s);
+  else launch<FMT, T, 4>(x, M, K, q, scale, zero, group, N, bias, y, s);
 }
 
 }  // namespace
 
 void gemv_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
                const uint8_t* zero, int64_t group, int64_t N, const void* bias, void* y, uintptr_t stream) {
-  check(M >= 1 && M <= 16, "bitkernel: gemv_cuda takes 1 <= M <= 16");
+  check(M >= 1 && M <= kGemvMaxM, "bitkernel: gemv_cuda takes 1 <= M <= " + std::to_string(kGemvMaxM));
   check(dtype == F16 || dtype == BF16, "bitkernel: CUDA linear takes float16 or bfloat16 activations");
   if (N == 0) return;
   const cudaStream_t s = as_stream(stream);

@@ -5,6 +5,7 @@
 // the large-M weight-only product and is a plain bandwidth-bound stream.
 #include <string>
 
+#include "cuda/decode.cuh"
 #include "cuda/device.cuh"
 #include "kernels.h"
 #include "quant_rules.h"
@@ -79,6 +80,50 @@ __global__ void dequantize_kernel(int fmt, const uint8_t* q, const float* scale,
   }
 }
 
+// One thread per 32-bit word of packed codes: decodes 4 * WPB weights and
+// writes them with vector stores. Needs K and the group size to be multiples of
+// 4 * WPB and 16-byte aligned outputs; dequantize_kernel serves the rest.
+template <int FMT, typename T>
+__global__ void dequantize_vec_kernel(const uint32_t* q, const float* scale, const uint8_t* zero, int64_t N,
+                                      int64_t K, int64_t group, T* out) {
+  constexpr int WW = 4 * Codes<FMT>::WPB;
+  const int64_t wpr = K / WW, G = group == 0 ? 1 : (K + group - 1) / group, gs = group == 0 ? K : group;
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= N * wpr) return;
+  const int64_t n = idx / wpr, k0 = (idx % wpr) * WW, gi = n * G + k0 / gs;
+  const float off = 8388608.f + (FMT == TERNARY ? 1.f : FMT == INT8 ? 128.f : (zero ? static_cast<float>(zero[gi]) : 8.f));
+  const float s = scale[gi];
+  float w[WW];
+  decode_word<FMT>(q[idx], off, w);
+  alignas(16) T o[WW];
+#pragma unroll
+  for (int i = 0; i < WW; ++i) o[i] = from_f32<T>(w[i] * s);
+  constexpr int VECS = WW * sizeof(T) / 16;
+  if constexpr (VECS >= 1) {
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) reinterpret_cast<uint4*>(out + n * K + k0)[v] = reinterpret_cast<const uint4*>(o)[v];
+  } else {
+#pragma unroll
+    for (int i = 0; i < WW; ++i) out[n * K + k0 + i] = o[i];
+  }
+}
+
+template <int FMT>
+bool try_dequantize_vec(const uint8_t* q, const float* scale, const uint8_t* zero, int64_t N, int64_t K, int64_t group,
+                        void* out, int dtype, cudaStream_t s) {
+  constexpr int WW = 4 * Codes<FMT>::WPB;
+  if (K % WW || (group && group % WW) || reinterpret_cast<uintptr_t>(q) % 4 || reinterpret_cast<uintptr_t>(out) % 16)
+    return false;
+  const int64_t total = N * K / WW;
+  const unsigned blocks = static_cast<unsigned>((total + 255) / 256);
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dequantize_vec_kernel<FMT, T><<<blocks, 256, 0, s>>>(reinterpret_cast<const uint32_t*>(q), scale, zero, N, K,
+                                                         group, static_cast<T*>(out));
+  });
+  return true;
+}
+
 }  // namespace
 
 void quantize_cuda(int fmt, const float* w, int64_t N, int64_t K, int64_t group, bool symmetric,
@@ -94,9 +139,13 @@ void dequantize_cuda(int fmt, const uint8_t* q, const float* scale, const uint8_
                      int64_t K, int64_t group, void* out, int dtype, uintptr_t stream) {
   const int64_t total = N * packed_row_bytes(fmt, K);
   if (total == 0) return;
-  dispatch_dtype(dtype, [&](auto tag) {
+  const cudaStream_t s = as_stream(stream);
+  const bool done = fmt == TERNARY ? try_dequantize_vec<TERNARY>(q, scale, zero, N, K, group, out, dtype, s)
+                    : fmt == INT4  ? try_dequantize_vec<INT4>(q, scale, zero, N, K, group, out, dtype, s)
+                                   : try_dequantize_vec<INT8>(q, scale, zero, N, K, group, out, dtype, s);
+  if (!done) dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_kernel<T><<<(total + 255) / 256, 256, 0, as_stream(stream)>>>(
+    dequantize_kernel<T><<<(total + 255) / 256, 256, 0, s>>>(
         fmt, q, scale, zero, N, K, group, static_cast<T*>(out));
   });
   check_launch("dequantize");

@@ -21,9 +21,6 @@ from .formats import (
     num_groups,
 )
 
-# At or below this many rows the weight-only product streams the packed weights
-# (memory-bound); above it the weights are expanded to 16 bits for cuBLAS.
-SMALL_M = 16
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -188,7 +185,7 @@ def _linear_op(
             lib.gemm_s8_cuda(
                 fmt, _ptr(xq), _ptr(xs), m, k, _ptr(qweight), _ptr(scale), n, _ptr(bias), dt, _ptr(y), stream
             )
-        elif 0 < m <= SMALL_M:
+        elif 0 < m <= lib.GEMV_MAX_M:  # memory-bound: stream the packed weights
             y = torch.empty(m, n, dtype=x.dtype, device=dev)
             lib.gemv_cuda(
                 fmt,
@@ -205,7 +202,7 @@ def _linear_op(
                 _ptr(y),
                 stream,
             )
-        else:
+        else:  # compute-bound: expand the weights to 16 bits for cuBLAS
             w = torch.empty(n, k, dtype=x.dtype, device=dev)
             lib.dequantize_cuda(fmt, _ptr(qweight), _ptr(scale), _ptr(zero), n, k, group_size, _ptr(w), dt, stream)
             y = torch.nn.functional.linear(x2, w, bias)

@@ -1,0 +1,119 @@
+"""Kernel benchmark over FLUX.1-dev's linear shapes: each format against torch bf16 in the same run.
+
+    python bench/kernels.py [--m 1 16 512 4608] [--out bench/results/kernels_<gpu>.md]
+
+Times come from CUDA graphs of 20 back-to-back calls replayed between CUDA events
+(median of several replays), with enough weight copies in rotation that the
+weights come from device memory, not L2. Ratios are bf16 time / format time:
+above 1 is faster than torch bf16 (cuBLAS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import bitkernel
+import bitkernel.functional as F
+
+# (BFL layer name, N, K); guide section 1.
+SHAPES = [
+    ("double img/txt attn.qkv", 9216, 3072),
+    ("double attn.proj", 3072, 3072),
+    ("double mlp.0", 12288, 3072),
+    ("double mlp.2", 3072, 12288),
+    ("double mod.lin", 18432, 3072),
+    ("single linear1", 21504, 3072),
+    ("single linear2", 3072, 15360),
+    ("single modulation.lin", 9216, 3072),
+]
+# name, format, group, act_int8
+VARIANTS = [
+    ("W1.58A16", "ternary", 0, False),
+    ("W4A16", "int4", 64, False),
+    ("W8A16", "int8", 0, False),
+    ("W8A8", "int8", 0, True),
+    ("W1.58A8", "ternary", 0, True),
+]
+CALLS_PER_GRAPH = 20
+L2_FLUSH_BYTES = 256 << 20
+
+
+def time_graph(fns) -> float:
+    """Median ms per call of a CUDA graph that runs the callables in rotation."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns[:3]:
+            f()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(CALLS_PER_GRAPH):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / CALLS_PER_GRAPH)
+    del g
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, min(16, -(-L2_FLUSH_BYTES // max(nbytes, 1))))
+
+
+def bench_shape(n: int, k: int, m: int) -> dict[str, float]:
+    gen = torch.Generator(device="cuda").manual_seed(n + k + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    res = {}
+    ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+    res["bf16"] = time_graph([lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws])
+    for name, fmt, group, a8 in VARIANTS:
+        qw = F.quantize(w, fmt, group)
+        qws = [qw] + [F.QuantizedWeight(qw.fmt, qw.qweight.clone(), qw.scale.clone(),
+                                        None if qw.zero is None else qw.zero.clone(), k, group)
+                      for _ in range(copies_for(qw.nbytes()) - 1)]
+        res[name] = time_graph([lambda q=q_, a=a8: F.linear(x, q, None, a) for q_ in qws])
+        del qws
+    del ws
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 512, 4608])
+    ap.add_argument("--out", help="also write the table to this Markdown file")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/kernels.py needs a CUDA GPU")
+    info = bitkernel.info()
+    head = (f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | bitkernel {info['version']} "
+            f"(archs {info['cuda_archs']})\n\n")
+    cols = ["bf16 ms"] + [f"{v[0]} ms (x)" for v in VARIANTS]
+    lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for label, n, k in SHAPES:
+        for m in args.m:
+            r = bench_shape(n, k, m)
+            cells = [f"{r['bf16']:.4f}"] + [f"{r[v[0]]:.4f} ({r['bf16'] / r[v[0]]:.2f}x)" for v in VARIANTS]
+            lines.append(f"| {label} ({n}x{k}) | {m} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    table = head + "\n".join(lines) + "\n"
+    print("\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
