@@ -65,6 +65,7 @@ __global__ void __launch_bounds__(128) gemv_kernel(const T* __restrict__ x, int 
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
 
   const int64_t nchunks = (K + CW - 1) / CW;
+  const uint32_t chunks_per_group = static_cast<uint32_t>(gs / CW);
   if constexpr (VEC) {
     // All UNROLL loads of a lane are issued before any is used: at M = 1 the
     // kernel is bound by how many bytes are in flight, not by arithmetic.
@@ -81,10 +82,12 @@ __global__ void __launch_bounds__(128) gemv_kernel(const T* __restrict__ x, int 
       for (int u = 0; u < UNROLL; ++u) {
         const int64_t c = base + u * 32 + lane, k0 = c * CW;
         if (c >= nchunks) break;
+        // 32-bit division: a 64-bit one is a long emulated sequence, once per chunk.
+        const uint32_t gidx = group == 0 ? 0u : static_cast<uint32_t>(c) / chunks_per_group;
         float s[ROWS], off[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-          const int64_t gi = (live[r] ? n0 + r : n0) * G + k0 / gs;
+          const int64_t gi = (live[r] ? n0 + r : n0) * G + gidx;
           s[r] = scale[gi];
           off[r] = 8388608.f + (FMT == TERNARY ? 1.f : FMT == INT8 ? 128.f : (zero ? static_cast<float>(zero[gi]) : 8.f));
         }

@@ -87,10 +87,12 @@ template <int FMT, typename T>
 __global__ void dequantize_vec_kernel(const uint32_t* q, const float* scale, const uint8_t* zero, int64_t N,
                                       int64_t K, int64_t group, T* out) {
   constexpr int WW = 4 * Codes<FMT>::WPB;
-  const int64_t wpr = K / WW, G = group == 0 ? 1 : (K + group - 1) / group, gs = group == 0 ? K : group;
-  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= N * wpr) return;
-  const int64_t n = idx / wpr, k0 = (idx % wpr) * WW, gi = n * G + k0 / gs;
+  // 32-bit index arithmetic (the host checks it fits): 64-bit division is emulated and slow.
+  const uint32_t wpr = static_cast<uint32_t>(K / WW), G = group == 0 ? 1u : static_cast<uint32_t>((K + group - 1) / group);
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<uint32_t>(N) * wpr) return;
+  const uint32_t n = idx / wpr, k0 = (idx - n * wpr) * WW;
+  const int64_t gi = static_cast<int64_t>(n) * G + (group == 0 ? 0u : k0 / static_cast<uint32_t>(group));
   const float off = 8388608.f + (FMT == TERNARY ? 1.f : FMT == INT8 ? 128.f : (zero ? static_cast<float>(zero[gi]) : 8.f));
   const float s = scale[gi];
   float w[WW];
@@ -101,10 +103,10 @@ __global__ void dequantize_vec_kernel(const uint32_t* q, const float* scale, con
   constexpr int VECS = WW * sizeof(T) / 16;
   if constexpr (VECS >= 1) {
 #pragma unroll
-    for (int v = 0; v < VECS; ++v) reinterpret_cast<uint4*>(out + n * K + k0)[v] = reinterpret_cast<const uint4*>(o)[v];
+    for (int v = 0; v < VECS; ++v) reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * K + k0)[v] = reinterpret_cast<const uint4*>(o)[v];
   } else {
 #pragma unroll
-    for (int i = 0; i < WW; ++i) out[n * K + k0 + i] = o[i];
+    for (int i = 0; i < WW; ++i) out[static_cast<int64_t>(n) * K + k0 + i] = o[i];
   }
 }
 
@@ -112,9 +114,10 @@ template <int FMT>
 bool try_dequantize_vec(const uint8_t* q, const float* scale, const uint8_t* zero, int64_t N, int64_t K, int64_t group,
                         void* out, int dtype, cudaStream_t s) {
   constexpr int WW = 4 * Codes<FMT>::WPB;
-  if (K % WW || (group && group % WW) || reinterpret_cast<uintptr_t>(q) % 4 || reinterpret_cast<uintptr_t>(out) % 16)
-    return false;
   const int64_t total = N * K / WW;
+  if (K % WW || (group && group % WW) || reinterpret_cast<uintptr_t>(q) % 4 || reinterpret_cast<uintptr_t>(out) % 16 ||
+      total >= (1LL << 32) - 256)
+    return false;
   const unsigned blocks = static_cast<unsigned>((total + 255) / 256);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
