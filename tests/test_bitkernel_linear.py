@@ -99,3 +99,15 @@ def test_float32_on_cpu_and_empty_batch():
     qw, bias = make("ternary", 0, True, 33, 64, "cpu", gen, torch.float32)
     check(torch.randn(3, 64, generator=gen), qw, bias, False, 1e-5)
     assert F.linear(torch.randn(0, 64), qw, bias).shape == (0, 33)
+
+
+@pytest.mark.parametrize("fmt,group,sym,a8", [c for c in CASES if not c[3]])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 64), (2, 576), (7, 576), (8, 1344), (9, 576), (16, 576)])
+def test_linear_small_m_aligned_shapes(device, fmt, group, sym, a8, dtype, m, k):
+    # K a multiple of 64 and M <= 16: the shapes the CUDA tensor-core small-M kernel takes (odd N,
+    # a partial last scale group, fewer 64-k chunks than warps).
+    gen = torch.Generator().manual_seed(m * 7 + k)
+    qw, bias = make(fmt, group, sym, 131, k, device, gen, dtype)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    check(x, qw, bias, a8, 2e-2 if dtype == torch.bfloat16 else 5e-3)

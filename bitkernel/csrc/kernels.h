@@ -30,6 +30,11 @@ constexpr int kGemvMaxM = 4;
 void gemv_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
                void* y, uintptr_t stream);
+// Weight-only product for M <= 16 on tensor cores (ternary and INT4, K a multiple
+// of 64, sm_80+). Returns false, doing nothing, for shapes it does not take.
+bool gemv_tc_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
+                  const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
+                  void* y, uintptr_t stream);
 // Per-token int8 quantization into xq [M, round_up(K, 64)] (zero padded) and xs [M].
 void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* xq, float* xs,
                        uintptr_t stream);

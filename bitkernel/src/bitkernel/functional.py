@@ -23,6 +23,10 @@ from .formats import (
 
 
 
+# Up to this many rows (tokens) the product is bound by reading the weights.
+SMALL_M = 16
+
+
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -177,31 +181,19 @@ def _linear_op(
     lib = require_cuda()
     with torch.cuda.device(dev):
         stream = _stream(dev)
+        y = torch.empty(m, n, dtype=x.dtype, device=dev)
+        small_args = (fmt, _ptr(x2), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, _ptr(bias), _ptr(y))
         if act_int8:
             xq = torch.empty(m, -(-k // 64) * 64, dtype=torch.int8, device=dev)
             xs = torch.empty(m, dtype=torch.float32, device=dev)
-            y = torch.empty(m, n, dtype=x.dtype, device=dev)
             lib.quantize_act_cuda(_ptr(x2), dt, m, k, _ptr(xq), _ptr(xs), stream)
             lib.gemm_s8_cuda(
                 fmt, _ptr(xq), _ptr(xs), m, k, _ptr(qweight), _ptr(scale), n, _ptr(bias), dt, _ptr(y), stream
             )
-        elif 0 < m <= lib.GEMV_MAX_M:  # memory-bound: stream the packed weights
-            y = torch.empty(m, n, dtype=x.dtype, device=dev)
-            lib.gemv_cuda(
-                fmt,
-                _ptr(x2),
-                dt,
-                m,
-                k,
-                _ptr(qweight),
-                _ptr(scale),
-                _ptr(zero),
-                group_size,
-                n,
-                _ptr(bias),
-                _ptr(y),
-                stream,
-            )
+        elif 0 < m <= SMALL_M and lib.gemv_tc_cuda(*small_args, stream):
+            pass  # memory-bound: packed weights streamed once into tensor cores
+        elif 0 < m <= lib.GEMV_MAX_M:
+            lib.gemv_cuda(*small_args, stream)  # formats and shapes the tensor-core kernel does not take
         else:  # compute-bound: expand the weights to 16 bits for cuBLAS
             w = torch.empty(n, k, dtype=x.dtype, device=dev)
             lib.dequantize_cuda(fmt, _ptr(qweight), _ptr(scale), _ptr(zero), n, k, group_size, _ptr(w), dt, stream)
