@@ -80,9 +80,12 @@ def bench_shape(n: int, k: int, m: int) -> dict[str, float]:
     res["bf16"] = time_graph([lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws])
     for name, fmt, group, a8 in VARIANTS:
         qw = F.quantize(w, fmt, group)
-        qws = [qw] + [F.QuantizedWeight(qw.fmt, qw.qweight.clone(), qw.scale.clone(),
-                                        None if qw.zero is None else qw.zero.clone(), k, group)
-                      for _ in range(copies_for(qw.nbytes()) - 1)]
+        qws = [qw] + [
+            F.QuantizedWeight(
+                qw.fmt, qw.qweight.clone(), qw.scale.clone(), None if qw.zero is None else qw.zero.clone(), k, group
+            )
+            for _ in range(copies_for(qw.nbytes()) - 1)
+        ]
         res[name] = time_graph([lambda q=q_, a=a8: F.linear(x, q, None, a) for q_ in qws])
         del qws
     del ws
@@ -98,8 +101,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     info = bitkernel.info()
-    head = (f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | bitkernel {info['version']} "
-            f"(archs {info['cuda_archs']})\n\n")
+    head = (
+        f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | bitkernel {info['version']} "
+        f"(archs {info['cuda_archs']})\n\n"
+    )
     cols = ["bf16 ms"] + [f"{v[0]} ms (x)" for v in VARIANTS]
     lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for label, n, k in SHAPES:

@@ -21,8 +21,6 @@ from .formats import (
     num_groups,
 )
 
-
-
 # Up to this many rows (tokens) the product is bound by reading the weights.
 SMALL_M = 16
 
@@ -182,7 +180,20 @@ def _linear_op(
     with torch.cuda.device(dev):
         stream = _stream(dev)
         y = torch.empty(m, n, dtype=x.dtype, device=dev)
-        small_args = (fmt, _ptr(x2), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, _ptr(bias), _ptr(y))
+        small_args = (
+            fmt,
+            _ptr(x2),
+            dt,
+            m,
+            k,
+            _ptr(qweight),
+            _ptr(scale),
+            _ptr(zero),
+            group_size,
+            n,
+            _ptr(bias),
+            _ptr(y),
+        )
         if act_int8:
             xq = torch.empty(m, -(-k // 64) * 64, dtype=torch.int8, device=dev)
             xs = torch.empty(m, dtype=torch.float32, device=dev)
