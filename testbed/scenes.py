@@ -8,6 +8,7 @@ whatever device the generator lives on, so training renders on the GPU on the fl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,17 @@ def _relation_ok(relation: torch.Tensor, center: torch.Tensor, size: torch.Tenso
     return picked | (relation < 0)
 
 
+_PALETTE = torch.tensor(PALETTE)
+_BACKGROUND = torch.tensor(BACKGROUND)
+
+
+@functools.lru_cache(maxsize=32)
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Constant tensors copied once per device: a host-to-GPU copy per batch
+    would block until the GPU drained its queue."""
+    return t.to(device)
+
+
 # Layouts used when no random candidate satisfied the constraints (very rare):
 # quadrant centres fit four objects of up to 16 px with gaps.
 _FALLBACK = torch.tensor(
@@ -207,7 +219,8 @@ def sample_layout(
     lo, hi = table.size_lo[idx].view(b, 1, 1), table.size_hi[idx].view(b, 1, 1)
     size = lo + (hi - lo) * torch.rand(b, k, n, generator=generator, device=dev)
     room = IMAGE_SIZE - 2 * MARGIN - size
-    center = MARGIN + size.unsqueeze(-1) / 2 + room.unsqueeze(-1) * torch.rand(b, k, n, 2, generator=generator, device=dev)
+    pos = torch.rand(b, k, n, 2, generator=generator, device=dev)
+    center = MARGIN + size.unsqueeze(-1) / 2 + room.unsqueeze(-1) * pos
 
     d = (center.unsqueeze(3) - center.unsqueeze(2)).abs()  # [b, k, n, n, 2]
     sep = (size.unsqueeze(3) + size.unsqueeze(2)) / 2 + GAP
@@ -221,11 +234,11 @@ def sample_layout(
     size = size.gather(1, pick).squeeze(1)
     center = center.gather(1, pick.unsqueeze(-1).expand(b, 1, n, 2)).squeeze(1)
 
+    # applied unconditionally: testing "any fallback needed?" would sync the GPU every batch
     none_valid = ~valid.any(dim=1)
-    if bool(none_valid.any()):
-        fallback = _FALLBACK.to(dev)[table.relation[idx] + 1]
-        center = torch.where(none_valid.view(b, 1, 1), fallback, center)
-        size = torch.where(none_valid.view(b, 1), size.clamp(max=14.0), size)
+    fallback = _on_device(_FALLBACK, dev)[table.relation[idx] + 1]
+    center = torch.where(none_valid.view(b, 1, 1), fallback, center)
+    size = torch.where(none_valid.view(b, 1), size.clamp(max=14.0), size)
     return center, size
 
 
@@ -264,8 +277,8 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> torch.Tensor:
     ).view(b, n, size, size)
     masks &= scene.present.view(b, n, 1, 1)
     dev = scene.center.device
-    palette = torch.tensor(PALETTE, device=dev)
-    img = torch.tensor(BACKGROUND, device=dev).view(1, 3, 1, 1).expand(b, 3, size, size)
+    palette = _on_device(_PALETTE, dev)
+    img = _on_device(_BACKGROUND, dev).view(1, 3, 1, 1).expand(b, 3, size, size)
     for i in range(n):  # objects never overlap, so painting order does not matter
         rgb = palette[scene.color[:, i].clamp(min=0)].view(b, 3, 1, 1)
         img = torch.where(masks[:, i : i + 1], rgb, img)
