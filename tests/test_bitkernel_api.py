@@ -126,3 +126,12 @@ def test_cpu_only_build_message(monkeypatch):
     monkeypatch.setattr(lib, "HAS_CUDA", False)
     with pytest.raises(RuntimeError, match="built without CUDA.*nvcc"):
         lib.require_cuda()
+
+
+def test_autocast_runs_float32_input_in_autocast_dtype(device):
+    q = TernaryLinear.from_linear(torch.nn.Linear(64, 8).to(device))
+    x = torch.randn(3, 64, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), q(x.to(torch.bfloat16)).float())
