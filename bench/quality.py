@@ -1,0 +1,141 @@
+"""Quality of converted testbed models against the full-precision testbed model.
+
+    python bench/quality.py [--weights testbed/weights] [--methods absmean mse int8 int4] [--n 1200]
+                            [--files extra.safetensors ...] [--device cuda] [--out bench/results/quality.md]
+
+Each method converts the shipped full-precision testbed transformer with
+converter.convert (the same code path users run on FLUX.1-dev), loads the
+bitflux file into the testbed's FLUX model code, and samples the held-out
+evaluation prompts with the same per-prompt noise as the full-precision model
+in the same run. The table gives per-category rule-scored accuracy with 95%
+bootstrap intervals (resampling prompts), and same-noise PSNR / SSIM of the
+images against the full-precision model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from converter import convert  # noqa: E402
+from testbed.bitflux import load_bitflux_flux  # noqa: E402
+from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder  # noqa: E402
+from testbed.evaluate import evaluate  # noqa: E402
+from testbed.prompts import eval_items  # noqa: E402
+from testbed.scenes import CATEGORIES  # noqa: E402
+
+# method name -> converter arguments
+METHODS = {
+    "absmean": {"method": "absmean", "default_format": "ternary"},
+    "mse": {"method": "mse", "default_format": "ternary"},
+    "int8": {"method": "mse", "default_format": "int8"},
+    "int4": {"method": "mse", "default_format": "int4:64"},
+}
+BOOTSTRAP = 1000
+
+
+def bootstrap_ci(cats: list[str], passed: torch.Tensor, gen: torch.Generator) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of each category's accuracy and of their mean (overall)."""
+    samples: dict[str, torch.Tensor] = {}
+    for cat in CATEGORIES:
+        idx = torch.tensor([i for i, c in enumerate(cats) if c == cat])
+        if len(idx) == 0:
+            continue
+        draws = idx[torch.randint(0, len(idx), (BOOTSTRAP, len(idx)), generator=gen)]
+        samples[cat] = passed[draws].float().mean(1)
+    samples["overall"] = torch.stack(list(samples.values())).mean(0)
+    return {k: (v.quantile(0.025).item(), v.quantile(0.975).item()) for k, v in samples.items()}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM (Gaussian window 11, sigma 1.5, per channel), images in [0, 1]."""
+    x = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-(x**2) / (2 * 1.5**2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, w, groups=3)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean().item()
+
+
+def run(model, te, args, cats, gen, ref_images=None) -> dict:
+    res = evaluate(model, te, n=args.n, device=args.device, steps=args.steps, guidance=args.guidance,
+                   seed=args.seed, return_images=True)
+    res["ci"] = bootstrap_ci(cats, torch.tensor(res["passed"]), gen)
+    if ref_images is not None:
+        res["psnr"], res["ssim"] = psnr(res["images"], ref_images), ssim(res["images"], ref_images)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default="testbed/weights")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--files", nargs="*", default=[], help="already converted bitflux files to score too")
+    ap.add_argument("--n", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=None, help="default: the training log's best guidance, or 3.5")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="also write the table to this Markdown file")
+    args = ap.parse_args()
+    if args.guidance is None:
+        from testbed.sampling import DEFAULT_GUIDANCE
+
+        args.guidance = DEFAULT_GUIDANCE
+    fp_path = os.path.join(args.weights, FLUX_FILE)
+    te = load_text_encoder(os.path.join(args.weights, TEXT_FILE), args.device)
+    cats = [it.spec.category for it in eval_items(args.n, args.seed)]
+    gen = torch.Generator().manual_seed(0)
+
+    rows = [("full precision (bf16 file)", os.path.getsize(fp_path), run(load_flux(fp_path, args.device), te, args,
+                                                                         cats, gen))]
+    ref = rows[0][2]["images"]
+    print(f"full precision: {rows[0][2]['overall'] * 100:.1f}%", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        todo = [(m, os.path.join(tmp, f"{m}.safetensors")) for m in args.methods] + [(f, f) for f in args.files]
+        for name, path in todo:
+            if name in METHODS:
+                convert(fp_path, path, progress=False, device=args.device, **METHODS[name])
+            model = load_bitflux_flux(path, args.device)
+            rows.append((name, os.path.getsize(path), run(model, te, args, cats, gen, ref)))
+            print(f"{name}: {rows[-1][2]['overall'] * 100:.1f}%", flush=True)
+
+    head = (f"Testbed model ({args.weights}), {args.n} held-out prompts, {args.steps} steps, guidance "
+            f"{args.guidance}, seed {args.seed}, device {args.device}. Accuracy in % with 95% bootstrap "
+            f"intervals; PSNR (dB) / SSIM against the full-precision images on the same noise.\n\n")
+    cols = ["overall", *[c for c in CATEGORIES if c in rows[0][2]["categories"]]]
+    lines = ["| model | file MB | " + " | ".join(cols) + " | PSNR | SSIM |", "|" + "---|" * (len(cols) + 4)]
+    for name, size, r in rows:
+        accs = [r["overall"] if c == "overall" else r["categories"][c] for c in cols]
+        cells = [f"{a * 100:.1f} [{r['ci'][c][0] * 100:.1f}, {r['ci'][c][1] * 100:.1f}]" for a, c in zip(accs, cols)]
+        q = [f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"] if "psnr" in r else ["-", "-"]
+        lines.append(f"| {name} | {size / 1e6:.2f} | " + " | ".join(cells) + " | " + " | ".join(q) + " |")
+    table = head + "\n".join(lines) + "\n"
+    print("\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()

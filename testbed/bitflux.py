@@ -1,0 +1,39 @@
+"""Load a converted (bitflux) file into the testbed's FLUX model: the same
+model code as the full-precision testbed, with bitkernel layers in place of
+the quantized linears, so two models can be compared on the same noise."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from converter.fileformat import build_linear, load_tensors, read_header
+
+from .flux import Flux, FluxConfig
+
+
+def load_bitflux_flux(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Flux:
+    """A testbed `Flux` whose layers listed in the file's metadata are bitkernel modules.
+
+    Tensors that are not quantized layers are cast to `dtype`; the packed
+    weights and their scales keep the file's layout.
+    """
+    header = read_header(path)
+    fields = {f.name for f in dataclasses.fields(FluxConfig)}
+    cfg = FluxConfig.from_dict({k: v for k, v in header.architecture.items() if k in fields})
+    tensors = load_tensors(path, device)
+    model = Flux(cfg, dtype=dtype, device="meta")
+    for prefix, spec in header.layers.items():
+        parent, _, attr = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), attr, build_linear(prefix, spec, tensors))
+    layer_tensors = {k for k in tensors if k.rpartition(".")[0] in header.layers}
+    rest = {k: v.to(dtype) for k, v in tensors.items() if k not in layer_tensors}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    missing = [k for k in missing if k.rpartition(".")[0] not in header.layers]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the architecture (missing {missing}, unexpected {unexpected})")
+    return model.eval()
