@@ -23,6 +23,9 @@ from .formats import (
 
 # Up to this many rows (tokens) the product is bound by reading the weights.
 SMALL_M = 16
+# From this many rows on, the CPU path expands the weights and uses torch's BLAS.
+CPU_DENSE_M = 64
+_FORMAT_NAMES = {v: k for k, v in FORMAT_CODES.items()}
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -111,10 +114,9 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
 
 
 def _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8) -> tuple[str, int, int]:
-    names = {v: k for k, v in FORMAT_CODES.items()}
-    if fmt not in names:
+    if fmt not in _FORMAT_NAMES:
         raise ValueError(f"unknown format code {fmt}")
-    name = names[fmt]
+    name = _FORMAT_NAMES[fmt]
     k = x.shape[-1]
     qw = QuantizedWeight(name, qweight, scale, zero, k, group_size)
     try:
@@ -159,6 +161,11 @@ def _linear_op(
     dt = DTYPE_CODES[x.dtype]
     dev = x.device
     if dev.type != "cuda":
+        if m >= CPU_DENSE_M and not act_int8:
+            # Compute-bound on the CPU too: expand the weights once and let torch's BLAS multiply.
+            w = dequantize(QuantizedWeight(_FORMAT_NAMES[fmt], qweight, scale, zero, k, group_size))
+            y = torch.nn.functional.linear(x2.float(), w, None if bias is None else bias.float())
+            return y.to(x.dtype).reshape(*x.shape[:-1], n)
         y = torch.empty(m, n, dtype=x.dtype, device=dev)
         C.linear_cpu(
             fmt,

@@ -1,0 +1,51 @@
+"""What both node APIs (V3 and classic) run."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from .loader import load_bitflux
+from .names import COMPUTE_DTYPES
+from .report import model_report
+
+LOADER_DESCRIPTION = (
+    "Loads a 1.58-bit FLUX transformer converted to a bitflux file (from the diffusion_models folder) into "
+    "ComfyUI's own Flux model. Use it where Load Diffusion Model would go; LoRA loaders, samplers and "
+    "memory management work as with any MODEL."
+)
+DTYPE_TOOLTIP = (
+    "Precision of activations and 16-bit layers. default: what ComfyUI picks for this GPU (bf16 where "
+    "supported); fp16 for GPUs without bf16 (GTX 16xx, RTX 20xx)."
+)
+INFO_DESCRIPTION = (
+    "Shows what a MODEL holds: packed size as ComfyUI's memory manager counts it, formats per layer group, "
+    "what is on the GPU, and how LoRAs are applied."
+)
+
+
+def diffusion_model_files() -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list("diffusion_models")
+
+
+def check_choices(unet_name: str, compute_dtype: str) -> Union[bool, str]:
+    """True, or what is wrong with the loader's inputs (ComfyUI shows it before running anything)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        return f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}"
+    if unet_name not in diffusion_model_files():
+        return f"{unet_name!r} is not in ComfyUI's diffusion_models folders (models/diffusion_models or models/unet)"
+    return True
+
+
+def load_model(unet_name: str, compute_dtype: str = "default"):
+    import folder_paths
+
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+    return load_bitflux(path, None if compute_dtype == "default" else compute_dtype)
+
+
+def describe_model(model, per_layer: bool = False) -> str:
+    return model_report(model, per_layer)
