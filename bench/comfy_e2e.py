@@ -40,10 +40,11 @@ What is real: ComfyUI's own model code for everything (its Flux with our packed 
 AutoencoderKL, all built by ComfyUI from the files), its loaders' detection and dtype choices, its
 samplers, its memory manager and offloading, our node pack unchanged, bitkernel's kernels. Stand-in:
 every weight is random (the converter's output of a random checkpoint, random T5 / CLIP / VAE files
-written by this script into --workdir), so images are noise and say nothing about quality; time and
-memory do not depend on the values. The cap emulates an 8 GB card within a larger GPU: it bounds
-PyTorch's allocator only; the CUDA context, cuBLAS handles and loaded kernels of a real card live
-outside it (measured and shown as "outside the allocator"), as do the display and other programs.
+written into --workdir by tests/comfy_standins.py, shared with the server test), so images are noise
+and say nothing about quality; time and memory do not depend on the values. The cap emulates an 8 GB
+card within a larger GPU: it bounds PyTorch's allocator only; the CUDA context, cuBLAS handles and
+loaded kernels of a real card live outside it (measured and shown as "outside the allocator"), as do
+the display and other programs.
 Part 1 uses 512 hand-made T5 tokens (FLUX.1-dev's maximum); in part 2 ComfyUI's tokenizer decides
 (256 for a short prompt). ComfyUI packages that its Flux path imports but this machine lacks are
 import-stubbed (torchsde, av, torchvision: only when missing; none is used on this path; any use raises).
@@ -71,19 +72,19 @@ import sys
 import tempfile
 import time
 import types
-import zlib
 from typing import Any, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
 import torch  # noqa: E402
+from comfy_standins import TINY_T5, make_tiny_files, write_random_encoders  # noqa: E402  (tests/, put on sys.path above)
 
 GIB = 2**30
 PROMPT = "a red cube on top of a blue sphere on a wooden table, studio photo, soft light"
 STUB_CANDIDATES = ("torchsde", "av", "torchvision")  # imported at module level on the Flux path, never used there
-TINY_T5 = {"d_model": 64, "d_kv": 32, "num_heads": 2, "d_ff": 128}  # keeps T5-XXL's 24 layers (ComfyUI's detection)
-TINY_CONTEXT = TINY_T5["d_model"]
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -327,163 +328,6 @@ def on_gpu(patcher) -> dict[str, float]:
     return {"loaded": int(patcher.loaded_size()), "size": int(patcher.model_size())}
 
 
-# ------------------------------------------------------------------------------------------ random weights
-
-
-class RandomPool:
-    """Normal values reused at per-name offsets: random enough for timing, fast for billions of weights
-    (one pool per (std, dtype), so a tensor is a plain copy)."""
-
-    SIZE = 1 << 25
-
-    def __init__(self, seed: int = 0) -> None:
-        self.unit = torch.randn(self.SIZE, generator=torch.Generator().manual_seed(seed))
-        self.pools: dict[tuple[float, torch.dtype], torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], std: float, dtype: torch.dtype) -> torch.Tensor:
-        pool = self.pools.get((std, dtype))
-        if pool is None:
-            pool = self.pools[(std, dtype)] = (self.unit * std).to(dtype)
-        n = 1
-        for s in shape:
-            n *= s
-        off = zlib.crc32(name.encode()) % self.SIZE
-        reps = (off + n) // self.SIZE + 1
-        flat = pool.repeat(reps)[off : off + n] if reps > 1 else pool[off : off + n]
-        return flat.reshape(shape).clone()
-
-
-def random_state_dict(module: torch.nn.Module, pool: RandomPool, dtype_of) -> dict[str, torch.Tensor]:
-    """Random tensors for every entry of a (meta-device) module's state dict: 1/sqrt(fan_in) weights,
-    unit norm scales, zero biases, unit embeddings."""
-    out = {}
-    for name, t in module.state_dict().items():
-        shape, dtype = tuple(t.shape), dtype_of(name, t)
-        leaf = name.rsplit(".", 1)[-1]
-        if t.dim() == 1 and ("norm" in name or "ln" in name or name.endswith("layer_norm.weight")) and leaf == "weight":
-            out[name] = torch.ones(shape, dtype=dtype)
-        elif leaf == "bias" or t.dim() == 0:
-            out[name] = torch.zeros(shape, dtype=dtype)
-        elif t.dim() == 1:
-            out[name] = torch.ones(shape, dtype=dtype)
-        else:
-            fan_in = 1
-            for s in shape[1:]:
-                fan_in *= s
-            std = 1.0 if "embed" in name or "shared" in name or "relative_attention_bias" in name else fan_in**-0.5
-            out[name] = pool.get(name, shape, std, dtype)
-    return out
-
-
-def write_random_encoders(c: Comfy, workdir: str, tiny: bool) -> dict[str, str]:
-    """Random T5-XXL (fp8 e4m3fn), CLIP-L (fp16) and FLUX VAE files, in the key layouts of the files users
-    download; written once into `workdir` and reused."""
-    import comfy.clip_model
-    import comfy.ldm.models.autoencoder as ae
-    import comfy.ops
-    import comfy.text_encoders.t5
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    te_dir = os.path.join(workdir, "text_encoders")
-    vae_dir = os.path.join(workdir, "vae")
-    os.makedirs(te_dir, exist_ok=True)
-    os.makedirs(vae_dir, exist_ok=True)
-    t5_cfg = json.load(open(os.path.join(comfyui_dir(), "comfy", "text_encoders", "t5_config_xxl.json")))
-    if tiny:
-        t5_cfg.update(TINY_T5)
-    clip_cfg = json.load(open(os.path.join(comfyui_dir(), "comfy", "sd1_clip_config.json")))
-    vae_cfg = {
-        "double_z": True,
-        "z_channels": 16,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 128,
-        "ch_mult": [1, 2, 4, 4],
-        "num_res_blocks": 2,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    fp8 = torch.float8_e4m3fn
-    specs = {
-        "t5": (
-            os.path.join(te_dir, f"t5xxl{'_tiny' if tiny else ''}_fp8_e4m3fn_random.safetensors"),
-            t5_cfg,
-            lambda: comfy.text_encoders.t5.T5(t5_cfg, fp8, "meta", comfy.ops.manual_cast),
-            lambda n, t: fp8,
-        ),
-        "clip_l": (
-            os.path.join(te_dir, "clip_l_random.safetensors"),
-            clip_cfg,
-            lambda: comfy.clip_model.CLIPTextModel(clip_cfg, torch.float16, "meta", comfy.ops.manual_cast),
-            lambda n, t: torch.float16,
-        ),
-        "vae": (
-            os.path.join(vae_dir, "ae_random.safetensors"),
-            vae_cfg,
-            lambda: ae.AutoencodingEngine(
-                regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-                encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": vae_cfg},
-                decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": vae_cfg},
-            ),
-            lambda n, t: torch.float32,
-        ),
-    }
-    paths, pool = {}, None
-    for key, (path, cfg, build, dtype_of) in specs.items():
-        stamp = json.dumps({"random": True, "config": cfg}, sort_keys=True)
-        paths[key] = path
-        if os.path.exists(path):
-            try:
-                with safe_open(path, "pt") as f:
-                    if (f.metadata() or {}).get("comfy_e2e") == stamp:
-                        continue
-            except Exception:  # noqa: BLE001 (a damaged cache file is rewritten)
-                pass
-        t = time.monotonic()
-        pool = pool or RandomPool()
-        with torch.device("meta"):
-            module = build()
-        sd = random_state_dict(module, pool, dtype_of)
-        tmp = path + ".partial"
-        save_file(sd, tmp, metadata={"comfy_e2e": stamp})
-        os.replace(tmp, path)
-        size = sum(v.nelement() * v.element_size() for v in sd.values())
-        print(f"wrote {path} ({size / 1e9:.2f} GB) in {time.monotonic() - t:.1f} s", flush=True)
-        del sd
-    return paths
-
-
-def make_tiny_files(workdir: str, device: str) -> tuple[str, str]:
-    """A small FLUX-architecture BFL checkpoint (testbed.flux, random) and its converter output."""
-    from safetensors.torch import save_file
-
-    from converter import convert
-    from testbed.flux import Flux, FluxConfig
-
-    os.makedirs(workdir, exist_ok=True)
-    dense = os.path.join(workdir, "tiny-flux-random.safetensors")
-    out = os.path.join(workdir, "tiny-flux-random-bitflux.safetensors")
-    cfg = FluxConfig(
-        in_channels=64,
-        vec_in_dim=768,
-        context_in_dim=TINY_CONTEXT,
-        hidden_size=256,
-        num_heads=2,
-        depth=2,
-        depth_single_blocks=4,
-    )
-    torch.manual_seed(0)
-    model = Flux(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith(".scale") else 0.05 * torch.randn_like(p))
-    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, dense)
-    convert(dense, out, force=True, progress=False, device=device if device == "cuda" else "cpu")
-    return out, dense
-
-
 # ------------------------------------------------------------------------------------------ stages (children)
 
 
@@ -558,7 +402,7 @@ def stage_graph(args: argparse.Namespace) -> dict[str, Any]:
 
     cuda = c.device.type == "cuda"
     t = time.monotonic()
-    files = write_random_encoders(c, args.workdir, args.tiny)
+    files = write_random_encoders(args.workdir, comfyui_dir(), args.tiny)
     gen_s = time.monotonic() - t
     c.add_folder("text_encoders", files["t5"])
     c.add_folder("vae", files["vae"])

@@ -1,11 +1,18 @@
 """The node pack inside a real headless ComfyUI server (COMFYUI_DIR), driven through its HTTP API.
 
-The repository is linked into a temporary custom_nodes folder, small test models stand in for the
-real files, and `python main.py --cpu` serves them. What runs end to end: our loader -> stock LoRA
-loader -> stock KSampler (batch 2) -> SaveImage, plus the info node. The shipped workflows need
-FLUX.1's real text encoders and VAE (T5-XXL alone is 4.9 GB), which a CPU test cannot run: for them
-the server only validates the graphs (every node, input name, type and file choice), which is what
-ComfyUI does before executing any prompt; the files behind the names are zero-content stand-ins.
+The repository is linked into a temporary custom_nodes folder and `python main.py --cpu` serves it,
+started once for the whole module. What runs end to end:
+
+- every shipped API-form workflow (workflows/api/*.json), as shipped except for size and steps
+  (`shrink`: 64x64 or about 0.01 megapixels, 2 steps), on small stand-ins under the exact file names
+  the workflows reference (tests/comfy_standins.py): the 1.58-bit transformer is a small
+  FLUX-architecture model converted by converter.convert; CLIP-L (fp16) and the FLUX VAE are random
+  files of their real sizes; T5-XXL (fp8 and fp16) keeps its 24 layers at width 64, which ComfyUI
+  builds through its own `t5xxl_model_config` option (the test node file below passes it for a T5
+  narrower than T5-XXL); the LoRA is a random one in two stock key styles; the img2img input is a
+  generated image. Each writes an image, which the test opens;
+- our loader -> stock LoRA loader -> stock KSampler (batch 2) -> SaveImage, plus the info node, on a
+  model with every layer format.
 """
 
 from __future__ import annotations
@@ -21,17 +28,40 @@ import urllib.error
 import urllib.request
 
 import comfy_env as ce
+import comfy_standins as standins
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from comfy_nodes import names
+from converter.fileformat import read_header
 
 pytestmark = pytest.mark.comfyui
 
-TEST_NODES = '''"""Test-only nodes: hand-made conditioning and a decoder for the test model's pixel-space latents."""
+TEST_NODES = '''"""Test-only nodes (hand-made conditioning, a decoder for the test model's pixel-space latents) and
+the one ComfyUI setting the small T5 stand-in needs."""
+import sys
+
+import comfy.sd
 import torch
+
+sys.path.insert(0, TESTS_DIR)
+from comfy_standins import small_t5_config  # noqa: E402
+
+_load_text_encoders = comfy.sd.load_text_encoder_state_dicts
+
+
+def _load_text_encoders_small_t5(state_dicts, *args, model_options=None, **kwargs):
+    """ComfyUI's T5-XXL config is fixed at width 4096: for a narrower T5 file (the test stand-in) pass
+    its shapes through ComfyUI's own t5xxl_model_config option. Real T5-XXL files are untouched."""
+    model_options = dict(model_options or {})
+    for sd in state_dicts:
+        cfg = small_t5_config(sd)
+        if cfg:
+            model_options["t5xxl_model_config"] = {**cfg, **model_options.get("t5xxl_model_config", {})}
+    return _load_text_encoders(state_dicts, *args, model_options=model_options, **kwargs)
+
+
+comfy.sd.load_text_encoder_state_dicts = _load_text_encoders_small_t5
 
 
 class BitfluxTestConditioning:
@@ -148,30 +178,52 @@ class Server:
         self.log.close()
 
 
+STANDINS = (  # (stand-in kind, file the shipped workflows reference)
+    ("t5", f"text_encoders/{names.T5_FP8_FILE}"),
+    ("t5_fp16", f"text_encoders/{names.T5_FP16_FILE}"),
+    ("clip_l", f"text_encoders/{names.CLIP_L_FILE}"),
+    ("vae", f"vae/{names.VAE_FILE}"),
+)
+INPUT_SIZE = (160, 120)  # the img2img input image
+
+
+def write_shipped_files(base, comfyui_root: str) -> None:
+    """Small stand-ins under the exact names the shipped workflows reference (module docstring)."""
+    ce.import_comfy()  # the T5 / CLIP / VAE stand-ins are built by ComfyUI's own modules
+    models = base / "models"
+    model, _ = standins.make_tiny_files(str(base / "standin-build"), "cpu", out_name=names.MODEL_FILE)
+    shutil.move(model, models / "diffusion_models" / names.MODEL_FILE)
+    ce.write_lora(str(models / "loras" / names.LORA_FILE), read_header(models / "diffusion_models" / names.MODEL_FILE))
+    pool = None
+    for kind, rel in STANDINS:
+        pool = standins.write_standin(kind, str(models / rel), comfyui_root, tiny=True, pool=pool)
+    del pool
+    w, h = INPUT_SIZE
+    ramp = Image.linear_gradient("L").resize((w, h))
+    Image.merge("RGB", (ramp, ramp.transpose(Image.Transpose.FLIP_LEFT_RIGHT), Image.new("L", (w, h), 90))).save(
+        base / "input" / names.INPUT_IMAGE
+    )
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ce.comfyui_dir()
+    root = ce.comfyui_dir()  # skips, with the reason, when COMFYUI_DIR is unset
     base = tmp_path_factory.mktemp("comfy")
     models = base / "models"
     for d in ("diffusion_models", "loras", "text_encoders", "vae"):
         (models / d).mkdir(parents=True)
+    (base / "input").mkdir()
     (base / "custom_nodes").mkdir()
     os.symlink(ce.REPO, base / "custom_nodes" / "bitflux-nodes")
-    (base / "custom_nodes" / "bitflux_test_nodes.py").write_text(TEST_NODES)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    (base / "custom_nodes" / "bitflux_test_nodes.py").write_text(TEST_NODES.replace("TESTS_DIR", repr(tests_dir)))
 
     header = ce.write_bitflux(str(models / "diffusion_models" / "tiny.safetensors"))
     ce.write_lora(str(models / "loras" / "tiny_lora.safetensors"), header)
-    # Stand-ins under the names the shipped workflows use (validation only, see the module docstring).
-    shutil.copy(models / "diffusion_models" / "tiny.safetensors", models / "diffusion_models" / names.MODEL_FILE)
-    shutil.copy(models / "loras" / "tiny_lora.safetensors", models / "loras" / names.LORA_FILE)
-    for rel in (f"text_encoders/{names.CLIP_L_FILE}", f"text_encoders/{names.T5_FP8_FILE}",
-                f"text_encoders/{names.T5_FP16_FILE}", f"vae/{names.VAE_FILE}"):  # fmt: skip
-        save_file({"stand_in": torch.zeros(1)}, str(models / rel))
-    (base / "input").mkdir()
-    Image.new("RGB", (64, 64), (200, 80, 40)).save(base / "input" / names.INPUT_IMAGE)
-
+    # The server starts while the stand-ins are written (ComfyUI lists model folders on each request).
     srv = Server(str(base), str(base / "comfyui.log"))
     try:
+        write_shipped_files(base, root)
         srv.wait_ready()
         yield srv
     finally:
@@ -217,21 +269,73 @@ def test_lora_ksampler_batch2_writes_images(server):
     assert "LoRA patches on packed layers: 6" in report and "ternary" in report
 
 
-def test_shipped_workflows_pass_comfyui_validation(server):
-    wf = os.path.join(ce.REPO, "workflows", "api")
-    files = sorted(os.listdir(wf))
-    assert len(files) >= 4
-    for name in files:
-        with open(os.path.join(wf, name)) as f:
-            prompt = json.load(f)
-        status, body = server.post("/prompt", {"prompt": prompt})
-        assert status == 200 and not body.get("node_errors"), (name, body)
-    # Validation is real: a file name the server does not have is refused before anything runs.
+SHIPPED = sorted(f for f in os.listdir(os.path.join(ce.REPO, "workflows", "api")) if f.endswith(".json"))
+SIZE, STEPS, MEGAPIXELS = 64, 2, 0.01
+# What changes for the small model and CPU time; every other input runs as shipped.
+SHRINK = {
+    "EmptySD3LatentImage": {"width": SIZE, "height": SIZE},
+    "ImageScaleToTotalPixels": {"megapixels": MEGAPIXELS},
+    "KSampler": {"steps": STEPS},
+    "BasicScheduler": {"steps": STEPS},
+}
+
+
+def shrink(prompt: dict) -> set[str]:
+    """Size and steps of an API-form workflow, changed in place. Returns the node types changed."""
+    changed = set()
+    for node in prompt.values():
+        for name, value in SHRINK.get(node["class_type"], {}).items():
+            assert name in node["inputs"], (node["class_type"], name)
+            node["inputs"][name] = value
+            changed.add(node["class_type"])
+    return changed
+
+
+def load_shipped(name: str) -> dict:
+    with open(os.path.join(ce.REPO, "workflows", "api", name)) as f:
+        return json.load(f)
+
+
+def test_every_shipped_workflow_is_run():
+    assert len(SHIPPED) >= 4, SHIPPED
+    for name in SHIPPED:
+        changed = shrink(load_shipped(name))
+        # A workflow whose size or steps this test cannot lower would run at 1024x1024 and 20 steps.
+        assert changed & {"KSampler", "BasicScheduler"}, (name, changed)
+        assert changed & {"EmptySD3LatentImage", "ImageScaleToTotalPixels"}, (name, changed)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_workflow_writes_an_image(server, name):
+    prompt = load_shipped(name)
+    shrink(prompt)
+    savers = [k for k, v in prompt.items() if v["class_type"] == "SaveImage"]
+    assert savers, name
+    entry = server.run(prompt, timeout=180)
+    for node_id in savers:
+        images = entry["outputs"][node_id]["images"]
+        assert len(images) == 1, images
+        prefix = prompt[node_id]["inputs"]["filename_prefix"]
+        assert images[0]["filename"].startswith(prefix) and images[0]["type"] == "output", images
+        path = os.path.join(server.base, "output", images[0]["subfolder"], images[0]["filename"])
+        with Image.open(path) as im:
+            w, h = im.size
+            extrema = im.convert("RGB").getextrema()
+        if "ImageScaleToTotalPixels" in {v["class_type"] for v in prompt.values()}:
+            # scaled to about MEGAPIXELS, then cropped by the VAE encoder to multiples of 8
+            assert w % 8 == 0 and h % 8 == 0 and 0.6 < w * h / (MEGAPIXELS * 2**20) <= 1.05, (w, h)
+            assert abs(w / h - INPUT_SIZE[0] / INPUT_SIZE[1]) < 0.15, (w, h)
+        else:
+            assert (w, h) == (SIZE, SIZE)
+        assert any(lo < hi for lo, hi in extrema), f"{name}: a flat image (non-finite latents?) {extrema}"
+
+
+def test_server_refuses_a_workflow_naming_a_missing_file(server):
+    """ComfyUI validates a prompt before running it: a file name the server does not have is refused."""
+    prompt = load_shipped(SHIPPED[0])
     prompt[next(k for k, v in prompt.items() if v["class_type"] == names.LOADER_NODE)]["inputs"]["unet_name"] = "x"
     status, body = server.post("/prompt", {"prompt": prompt})
     assert status == 400 and body.get("node_errors"), body
-    server.post("/queue", {"clear": True})
-    server.post("/interrupt", {})
 
 
 def test_generator_node_specs_match_comfyui(server):
