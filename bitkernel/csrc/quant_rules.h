@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common.h"
+
 #ifdef __CUDACC__
 #define BK_HD __host__ __device__ __forceinline__
 #else
@@ -53,6 +55,16 @@ BK_HD void int4_asym_params(const float* w, int64_t n, float* s, float* z) {
   for (int64_t i = 0; i < n; ++i) { lo = fminf(lo, w[i]); hi = fmaxf(hi, w[i]); }
   *s = (hi - lo) / 15.f;
   *z = *s > 0.f ? clampf(rintf(-lo / *s), 0.f, 15.f) : 0.f;
+}
+
+// The default scale (and INT4 zero point) of one group of n weights: absmean
+// for ternary, absmax / 127 for INT8, absmax / 7 or the asymmetric range for INT4.
+BK_HD void default_group_params(int fmt, bool symmetric, const float* w, int64_t n, float* s, float* z) {
+  *z = 8.f;
+  if (fmt == TERNARY) *s = absmean_scale(w, n);
+  else if (fmt == INT8) *s = absmax(w, n) / 127.f;
+  else if (symmetric) *s = absmax(w, n) / 7.f;
+  else int4_asym_params(w, n, s, z);
 }
 
 }  // namespace bitkernel

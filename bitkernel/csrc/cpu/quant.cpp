@@ -17,17 +17,9 @@ void quantize_cpu(int fmt, const float* w, int64_t N, int64_t K, int64_t group, 
       const int64_t k0 = g * gs, len = (k0 + gs <= K ? gs : K - k0);
       float& s = scale[n * G + g];
       if (compute_scale) {
-        if (fmt == TERNARY) {
-          s = absmean_scale(wr + k0, len);
-        } else if (fmt == INT8) {
-          s = absmax(wr + k0, len) / 127.f;
-        } else if (symmetric) {
-          s = absmax(wr + k0, len) / 7.f;
-        } else {
-          float z;
-          int4_asym_params(wr + k0, len, &s, &z);
-          zero[n * G + g] = static_cast<uint8_t>(z);
-        }
+        float z;
+        default_group_params(fmt, symmetric, wr + k0, len, &s, &z);
+        if (fmt == INT4 && !symmetric) zero[n * G + g] = static_cast<uint8_t>(z);
       }
       const float z = (fmt == INT4 && !symmetric) ? static_cast<float>(zero[n * G + g]) : 8.f;
       for (int64_t k = k0; k < k0 + len; ++k) {

@@ -34,17 +34,9 @@ __global__ void quantize_kernel(int fmt, const float* w, int64_t N, int64_t K, i
   const float* wr = w + n * K;
   float s = scale[idx];
   if (compute_scale) {
-    if (fmt == TERNARY) {
-      s = absmean_scale(wr + k0, len);
-    } else if (fmt == INT8) {
-      s = absmax(wr + k0, len) / 127.f;
-    } else if (symmetric) {
-      s = absmax(wr + k0, len) / 7.f;
-    } else {
-      float z;
-      int4_asym_params(wr + k0, len, &s, &z);
-      zero[idx] = static_cast<uint8_t>(z);
-    }
+    float z;
+    default_group_params(fmt, symmetric, wr + k0, len, &s, &z);
+    if (fmt == INT4 && !symmetric) zero[idx] = static_cast<uint8_t>(z);
     scale[idx] = s;
   }
   const float z = (fmt == INT4 && !symmetric) ? static_cast<float>(zero[idx]) : 8.f;

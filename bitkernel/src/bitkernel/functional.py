@@ -160,6 +160,8 @@ def _linear_op(
     m = x2.shape[0]
     dt = DTYPE_CODES[x.dtype]
     dev = x.device
+    # The arguments every product kernel takes first (C++ order: x, then the weight, then the bias).
+    common = (fmt, _ptr(x2), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, _ptr(bias))
     if dev.type != "cuda":
         if m >= CPU_DENSE_M and not act_int8:
             # Compute-bound on the CPU too: expand the weights once and let torch's BLAS multiply.
@@ -167,40 +169,12 @@ def _linear_op(
             y = torch.nn.functional.linear(x2.float(), w, None if bias is None else bias.float())
             return y.to(x.dtype).reshape(*x.shape[:-1], n)
         y = torch.empty(m, n, dtype=x.dtype, device=dev)
-        C.linear_cpu(
-            fmt,
-            _ptr(x2),
-            dt,
-            m,
-            k,
-            _ptr(qweight),
-            _ptr(scale),
-            _ptr(zero),
-            group_size,
-            n,
-            _ptr(bias),
-            act_int8,
-            _ptr(y),
-        )
+        C.linear_cpu(*common, act_int8, _ptr(y))
         return y.reshape(*x.shape[:-1], n)
     lib = require_cuda()
     with torch.cuda.device(dev):
         stream = _stream(dev)
         y = torch.empty(m, n, dtype=x.dtype, device=dev)
-        small_args = (
-            fmt,
-            _ptr(x2),
-            dt,
-            m,
-            k,
-            _ptr(qweight),
-            _ptr(scale),
-            _ptr(zero),
-            group_size,
-            n,
-            _ptr(bias),
-            _ptr(y),
-        )
         if act_int8:
             xq = torch.empty(m, -(-k // 64) * 64, dtype=torch.int8, device=dev)
             xs = torch.empty(m, dtype=torch.float32, device=dev)
@@ -208,10 +182,10 @@ def _linear_op(
             lib.gemm_s8_cuda(
                 fmt, _ptr(xq), _ptr(xs), m, k, _ptr(qweight), _ptr(scale), n, _ptr(bias), dt, _ptr(y), stream
             )
-        elif 0 < m <= SMALL_M and lib.gemv_tc_cuda(*small_args, stream):
+        elif 0 < m <= SMALL_M and lib.gemv_tc_cuda(*common, _ptr(y), stream):
             pass  # memory-bound: packed weights streamed once into tensor cores
         elif 0 < m <= lib.GEMV_MAX_M:
-            lib.gemv_cuda(*small_args, stream)  # formats and shapes the tensor-core kernel does not take
+            lib.gemv_cuda(*common, _ptr(y), stream)  # formats and shapes the tensor-core kernel does not take
         else:  # compute-bound: expand the weights to 16 bits for cuBLAS
             w = torch.empty(n, k, dtype=x.dtype, device=dev)
             lib.dequantize_cuda(fmt, _ptr(qweight), _ptr(scale), _ptr(zero), n, k, group_size, _ptr(w), dt, stream)
