@@ -24,6 +24,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for testbed/
 
+from report_table import emit  # noqa: E402  (bench/ is on sys.path when this script runs)
+
 from bitkernel.nn import TernaryLinear  # noqa: E402
 from testbed.flux import Flux, FluxConfig, make_img_ids, make_txt_ids  # noqa: E402
 
@@ -134,10 +136,7 @@ def main() -> None:
         ratio = f"{ref / r['ms']:.2f}x" if ref else "-"
         lines.append(f"| {name} | {r['ms']:.1f} | {ratio} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} |")
     table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import statistics
 
 import torch
+from report_table import emit  # bench/ is on sys.path when this script runs
 
 import bitkernel
 import bitkernel.functional as F
@@ -114,10 +115,7 @@ def main() -> None:
             lines.append(f"| {label} ({n}x{k}) | {m} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     table = head + "\n".join(lines) + "\n"
-    print("\n" + table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from report_table import emit  # noqa: E402  (bench/ is on sys.path when this script runs)
+
 from converter import convert  # noqa: E402
 from testbed.bitflux import load_bitflux_flux  # noqa: E402
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder  # noqa: E402
@@ -131,10 +133,7 @@ def main() -> None:
         q = [f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"] if "psnr" in r else ["-", "-"]
         lines.append(f"| {name} | {size / 1e6:.2f} | " + " | ".join(cells) + " | " + " | ".join(q) + " |")
     table = head + "\n".join(lines) + "\n"
-    print("\n" + table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+    emit(table, args.out)
 
 
 if __name__ == "__main__":
