@@ -50,7 +50,7 @@ Part 1 uses 512 hand-made T5 tokens (FLUX.1-dev's maximum); in part 2 ComfyUI's 
 import-stubbed (torchsde, av, torchvision: only when missing; none is used on this path; any use raises).
 
 --tiny: a FLUX-architecture model (hidden 256, 2 heads, 2 + 4 blocks, 16 latent channels, context
-width 64) built with testbed.flux and converted with converter.convert; T5 with T5-XXL's 24 layers but
+width 64) built with converter.flux_model and converted with converter.convert; T5 with T5-XXL's 24 layers but
 width 64 (ComfyUI's t5xxl_model_config option); real CLIP-L and FLUX VAE sizes; 128x128 images. Its
 dense reference is built through the loader's own config with ComfyUI's stock ops, because ComfyUI's
 shape detection hard-codes 24 heads.

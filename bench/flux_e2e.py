@@ -2,7 +2,7 @@
 
     python bench/flux_e2e.py [--variants bf16 w158a16 w158a8] [--steps 5]
 
-Runs the BFL-layout FLUX implementation in testbed/flux.py (the same math as
+Runs the BFL-layout FLUX implementation in converter/flux_model.py (the same math as
 ComfyUI's and BFL's model code) at FLUX.1-dev's real sizes: bf16 dense, then
 every block linear replaced by bitkernel's TernaryLinear (weight-only, and with
 int8 activations), each built block by block so that the quantized variants
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from report_table import emit  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 from bitkernel.nn import TernaryLinear  # noqa: E402
-from testbed.flux import Flux, FluxConfig, make_img_ids, make_txt_ids  # noqa: E402
+from converter.flux_model import Flux, FluxConfig, make_img_ids, make_txt_ids  # noqa: E402
 
 FLUX_DEV = FluxConfig(
     in_channels=64,
@@ -128,7 +128,7 @@ def main() -> None:
     ref = res.get("bf16", {}).get("ms")
     lines = [
         f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | FLUX.1-dev architecture, random weights, "
-        f"1024x1024 (4096 image + 512 text tokens), batch 1, eager, testbed/flux.py model code\n",
+        f"1024x1024 (4096 image + 512 text tokens), batch 1, eager, converter/flux_model.py model code\n",
         "| variant | ms / step | speed vs bf16 | weights GiB | peak VRAM GiB |",
         "|---|---|---|---|---|",
     ]

@@ -12,6 +12,7 @@ Modules, one job each:
     text       word tokenizer and the small text encoder (T5 + CLIP roles)
     sampling   rectified-flow sampling with FLUX's shifted schedule
     checkpoint save / load of the two safetensors files
-    train      `python -m testbed.train` (one GPU, stops by wall clock)
+    train      `python -m testbed.train` (one GPU, stops by wall clock, resumable)
+    resume     compact training checkpoints for training over several commands
     evaluate   held-out evaluation API and CLI
 """

@@ -10,8 +10,7 @@ import os
 import torch
 
 from converter.fileformat import build_linear, load_tensors, read_header
-
-from .flux import Flux, FluxConfig
+from converter.flux_model import Flux, FluxConfig
 
 
 def load_bitflux_flux(

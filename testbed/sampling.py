@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .flux import LATENT_CHANNELS, latent_to_image, make_img_ids, make_txt_ids, pack, unpack
+from converter.flux_model import LATENT_CHANNELS, latent_to_image, make_img_ids, make_txt_ids, pack, unpack
+
 from .scenes import IMAGE_SIZE
 
 LATENT_SIZE = IMAGE_SIZE // 2

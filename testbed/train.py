@@ -1,17 +1,26 @@
-"""Train the testbed from scratch on one GPU, stopping by wall clock.
+"""Train the testbed from scratch on one GPU, stopping by wall clock; resumable.
 
-    python -m testbed.train --out testbed/weights --minutes 8 --seed 0
-    python -m testbed.train --out /tmp/w --steps 3 --device cpu      # smoke run
+    python -m testbed.train --out testbed/weights --minutes 9.5 --seed 0        # one command
+    python -m testbed.train --minutes 7.5 --total-minutes 15 --seed 0 --checkpoint ckpt   # first of two
+    python -m testbed.train --minutes 7.5 --resume ckpt --out testbed/weights             # second of two
+    python -m testbed.train --out /tmp/w --steps 3 --device cpu                  # smoke run
 
 Stage 1 (teacher): rectified flow on scenes rendered on the GPU from the training
 split, text encoder trained jointly, 10% of captions dropped (so an unconditional
 prediction exists); the guidance input gets random values it cannot use.
-Stage 2 (last --distill-frac of the time): guidance distillation as FLUX.1-dev:
-the student (initialised from the EMA teacher) with guidance g learns
-teacher_uncond + g * (teacher_cond - teacher_uncond), so sampling needs one model
-call per step and takes `guidance` like FLUX.1-dev.
-The budget covers everything from interpreter start: training stops early enough
-to save both files in bf16, reload them and score the held-out prompts.
+Stage 2 (last --distill-frac of the training time): guidance distillation as
+FLUX.1-dev: the student (initialised from the EMA teacher) with guidance g learns
+teacher_uncond + cfg(g) * (teacher_cond - teacher_uncond), cfg(g) = 1 + 0.4 (g - 1),
+so sampling needs one model call per step and takes `guidance` like FLUX.1-dev.
+
+Budget: --minutes is this command's wall clock from interpreter start; training
+stops early enough to save the files (and, in the last command, to reload them and
+score the held-out prompts).  --total-minutes spreads one schedule over several
+commands (one device command may run 10 minutes at most): every command but the
+last trains the teacher until its own deadline and writes a compact training
+checkpoint (testbed.resume) to --checkpoint; `--resume DIR` continues it (the
+training arguments come from the checkpoint), and the command whose budget reaches
+the total distils, saves the weights and evaluates.
 """
 
 from __future__ import annotations
@@ -31,19 +40,30 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from converter.flux_model import Flux, FluxConfig, image_to_latent, make_img_ids, make_txt_ids, pack  # noqa: E402
+
+from . import resume as ckpt  # noqa: E402
 from .checkpoint import FLUX_FILE, MAX_FILE_BYTES, TEXT_FILE, load_testbed, save_flux, save_text_encoder  # noqa: E402
 from .evaluate import evaluate, format_table, save_grid  # noqa: E402
-from .flux import Flux, FluxConfig, image_to_latent, make_img_ids, make_txt_ids, pack  # noqa: E402
 from .prompts import allowed_colors, train_specs  # noqa: E402
 from .sampling import DEFAULT_GUIDANCE, LATENT_SIZE, SEQ_LEN, get_lin_function  # noqa: E402
 from .scenes import CATEGORIES, SpecTable, render, sample_scenes  # noqa: E402
 from .text import TextEncoder  # noqa: E402
 
-# Share of training batches per caption category: the hard ones (counting,
-# position) get more; "single" captions are evaluation-only.
-CATEGORY_WEIGHTS = {"two": 0.15, "counting": 0.25, "colors": 0.15, "position": 0.25, "color_attr": 0.20}
+# Share of training batches per caption category: the relational ones (position,
+# colour attribution) and counting get more; "single" captions are evaluation-only.
+CATEGORY_WEIGHTS = {"two": 0.14, "counting": 0.22, "colors": 0.10, "position": 0.27, "color_attr": 0.27}
 GUIDANCE_RANGE = (1.0, 5.0)  # distilled guidance values (FLUX.1-dev is used around 1.5 to 5)
+# Classifier-free guidance scale the student learns for guidance value g: 1 + (g - 1) * this.
+# FLUX.1-dev's distilled guidance is not a CFG scale either; with 0.4 its default 3.5
+# means CFG 2, where the first model's held-out score peaked (63%; at CFG 3.5 and 5
+# counting fell to 41% and 30%: over-counted 58 and 68 of 100 prompts).
+CFG_PER_GUIDANCE = 0.4
 MU = get_lin_function()(SEQ_LEN)  # FLUX's shift for 256 image tokens, also used for training timesteps
+CHECKPOINT_RESERVE_S = 10.0  # end of a non-final command: gather and write the training checkpoint
+# Arguments a resumed run takes from its checkpoint (they define the one schedule).
+RESUMED_ARGS = ("seed", "batch", "lr", "distill_lr", "distill_frac", "cond_drop", "warmup", "ema", "steps",
+                "total_minutes")
 
 
 _start = T0  # reset by main(): when called from Python, the budget counts from the call
@@ -51,6 +71,11 @@ _start = T0  # reset by main(): when called from Python, the budget counts from 
 
 def log(msg: str) -> None:
     print(f"[{time.time() - _start:7.1f}s] {msg}", flush=True)
+
+
+def cfg_scale(g: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance scale distilled for guidance value g."""
+    return 1.0 + (g - 1.0) * CFG_PER_GUIDANCE
 
 
 def init_weights(model: Flux) -> None:
@@ -143,15 +168,21 @@ def lr_at(step: int, frac: float, base: float, warmup: int, floor: float = 0.1) 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="testbed/weights")
-    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget from process start")
-    ap.add_argument("--steps", type=int, default=None, help="fixed step count (smoke runs); time still caps it")
+    ap.add_argument("--out", default="testbed/weights", help="where the last command writes the weights")
+    ap.add_argument("--minutes", type=float, default=8.0, help="this command's wall-clock budget from process start")
+    ap.add_argument("--total-minutes", type=float, default=None,
+                    help="budget of all commands together (default --minutes: one command); fixed by the first")
+    ap.add_argument("--checkpoint", default=None, help="directory for the training checkpoint of a non-final command")
+    ap.add_argument("--resume", default=None, help="continue from this training checkpoint")
+    ap.add_argument("--steps", type=int, default=None, help="fixed total step count (smoke runs); time still caps it")
+    ap.add_argument("--run-steps", type=int, default=None,
+                    help="with --steps: teacher steps in this command (then checkpoint), for tests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 4 on CPU")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--distill-lr", type=float, default=1e-4)
-    ap.add_argument("--distill-frac", type=float, default=0.2, help="share of the budget for guidance distillation")
+    ap.add_argument("--distill-frac", type=float, default=0.15, help="share of the training time for distillation")
     ap.add_argument("--cond-drop", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=250)
     ap.add_argument("--ema", type=float, default=0.999)
@@ -167,37 +198,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.eval_n = (600 if cuda else 6) if args.eval_n is None else args.eval_n
     args.eval_steps = args.eval_steps or (20 if cuda else 2)
     args.log_every = args.log_every or (500 if cuda else 100)
+    args.total_minutes = args.minutes if args.total_minutes is None else args.total_minutes
     return args
 
 
 def run_stage(
     name: str, n_steps: int | None, deadline: float, step_fn: Callable[[int, float], torch.Tensor],
-    history: list[dict[str, Any]], batch: int, log_every: int,
+    history: list[dict[str, Any]], batch: int, log_every: int, frac_fn: Callable[[int], float],
+    first_step: int = 0, run: int = 0,
 ) -> int:
-    """Call step_fn(step, frac) until n_steps or the deadline; frac is the share of
-    the stage done (by steps if n_steps is given, else by time)."""
-    start, step, acc, last = time.time(), 0, 0.0, time.time()
+    """Call step_fn(global step, frac) until n_steps (in this call) or the
+    deadline; frac_fn(local step) is the share of the stage done."""
+    step, acc, last = 0, 0.0, time.time()
     while (n_steps is None or step < n_steps) and time.time() < deadline:
-        frac = step / n_steps if n_steps else (time.time() - start) / max(deadline - start, 1e-6)
-        acc = step_fn(step, frac).detach() + acc
+        acc = step_fn(first_step + step, frac_fn(step)).detach() + acc
         step += 1
         if step % log_every == 0 or step == n_steps:
             loss = float(acc) / (step % log_every or log_every)  # the one sync per log interval
             now = time.time()
             rate = batch * (step % log_every or log_every) / (now - last)
-            history.append({"stage": name, "step": step, "loss": round(loss, 5), "samples_per_s": round(rate, 1),
-                            "elapsed_s": round(now - _start, 1)})
-            log(f"{name} step {step:6d}  loss {loss:.4f}  {rate:8.0f} samples/s")
+            history.append({"stage": name, "run": run, "step": first_step + step, "loss": round(loss, 5),
+                            "samples_per_s": round(rate, 1), "elapsed_s": round(now - _start, 1)})
+            log(f"{name} step {first_step + step:6d}  loss {loss:.4f}  {rate:8.0f} samples/s")
             acc, last = 0.0, now
     return step
 
 
+def final_reserve(args: argparse.Namespace) -> float:
+    """Seconds kept at the end of the last command: save, reload, score (about 2 s
+    per guidance value for 600 prompts on an H100)."""
+    return 12.0 + 3.0 * len(args.eval_guidance) if args.eval_n else 8.0
+
+
 def main(argv: list[str] | None = None, start: float | None = None) -> dict[str, Any]:
-    """Train, save, evaluate; returns the summary written to train_log.json.
-    start: time the budget counts from (default: now)."""
+    """Train, save, evaluate; returns the summary written to train_log.json (in a
+    non-final command: the checkpoint's state).  start: time the budget counts
+    from (default: now)."""
     global _start
     _start = time.time() if start is None else start
     args = parse_args(argv)
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+    if args.resume:
+        tensors, state = ckpt.load_training_state(args.resume)
+        for k in RESUMED_ARGS:
+            setattr(args, k, state["args"][k])
+        log(f"resuming {args.resume}: run {len(state['runs'])}, {state['teacher_steps']} teacher steps, "
+            f"{state['train_s']:.0f} s trained, {state['wall_s']:.0f} s of {60 * args.total_minutes:.0f} s used")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(args.seed)
@@ -214,23 +261,53 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict[str,
     # bf16 files: 2 bytes per parameter plus a small header must fit the size limit
     assert 2 * n_flux + 64_000 <= MAX_FILE_BYTES, f"transformer too large: {n_flux} parameters"
     assert 2 * n_text + 64_000 <= MAX_FILE_BYTES, f"text encoder too large: {n_text} parameters"
-    log(f"transformer {n_flux:,} parameters, text encoder {n_text:,}; device {device}, batch {args.batch}")
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    log(f"transformer {n_flux:,} parameters, text encoder {n_text:,}; {device_name}, batch {args.batch}")
 
     data = Data(encoder, device, args.seed)
+    params = list(model.parameters()) + list(encoder.parameters())
+    param_names = [f"model/{n}" for n, _ in model.named_parameters()]
+    param_names += [f"text/{n}" for n, _ in encoder.named_parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0, fused=cuda)
+    steps_before = state.get("teacher_steps", 0)
+    if args.resume:
+        ckpt.load_module("model", model, tensors)
+        ckpt.load_module("text", encoder, tensors)
+        ckpt.load_optimizer(opt, param_names, tensors, steps_before)
+        ckpt.restore_generator(data.gen, tensors["rng/data"])
+        del tensors
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     net: Callable[..., torch.Tensor] = torch.compile(model) if args.compile else model
 
-    end = _start + 60 * args.minutes - (20 + 6 * len(args.eval_guidance) if args.eval_n else 10)
-    stage1_end = time.time() + (end - time.time()) * (1 - args.distill_frac)
+    # ---- plan: is this the last command, and how long is the whole schedule?
+    run = len(state.get("runs", []))
+    prev_wall, train_before = state.get("wall_s", 0.0), state.get("train_s", 0.0)
+    history: list[dict[str, Any]] = list(state.get("history", []))
     n1 = n2 = None
     if args.steps is not None:
         n2 = round(args.steps * args.distill_frac)
         n1 = args.steps - n2
-    history: list[dict[str, Any]] = []
+        final = args.run_steps is None or steps_before + args.run_steps >= n1
+    else:
+        final = prev_wall + 60 * args.minutes >= 60 * args.total_minutes - 30
+    if not final and not args.checkpoint:
+        raise SystemExit("this command does not reach the end of the schedule (--total-minutes / --run-steps): "
+                         "give --checkpoint DIR for its training checkpoint")
+    end = _start + 60 * args.minutes - (final_reserve(args) if final else CHECKPOINT_RESERVE_S)
+    loop_start = time.time()
+    planned = train_before + (end - loop_start)  # training seconds of the whole schedule
+    if not final:  # later commands: the same startup, the last one's reserve
+        later = 60 * args.total_minutes - prev_wall - 60 * args.minutes
+        n_later = max(1, math.ceil(later / (60 * args.minutes) - 1e-9))
+        planned += later - n_later * (loop_start - _start) - (n_later - 1) * CHECKPOINT_RESERVE_S - final_reserve(args)
+    teacher_total = (1 - args.distill_frac) * planned
+    stage1_end = min(end, loop_start + teacher_total - train_before) if final else end
+    if n1 is not None:
+        run_n1 = max(n1 - steps_before, 0) if final else min(args.run_steps, n1 - steps_before)
+    else:
+        run_n1 = None
 
     # ---- stage 1: teacher
-    params = list(model.parameters()) + list(encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0, fused=cuda)
     ema_model, ema_text = EMA(model, args.ema), EMA(encoder, args.ema)
 
     def teacher_loss(net: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -264,9 +341,35 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict[str,
         ema_text.update(encoder)
         return loss
 
+    def teacher_frac(local_step: int) -> float:
+        if n1:
+            return (steps_before + local_step) / n1
+        return (train_before + time.time() - loop_start) / max(teacher_total, 1e-6)
+
     model.train()
-    steps1 = run_stage("teacher", n1, stage1_end, teacher_step, history, args.batch, args.log_every)
-    final, final_text = ema_model.module, ema_text.module
+    steps1 = run_stage("teacher", run_n1, stage1_end, teacher_step, history, args.batch, args.log_every,
+                       teacher_frac, steps_before, run)
+    train_s = train_before + time.time() - loop_start
+    runs = [*state.get("runs", []), {"device": device_name, "teacher_steps": steps1}]
+
+    if not final:  # ---- save the training state for the next command and stop
+        t_save = time.time()
+        tensors = ckpt.module_tensors("model", model) | ckpt.module_tensors("text", encoder)
+        tensors |= ckpt.optimizer_tensors(opt, param_names)
+        tensors["rng/data"] = ckpt.generator_tensor(data.gen)
+        runs[-1]["wall_s"] = round(time.time() - _start + 1.0, 1)  # + about the write below
+        new_state = {
+            "args": {k: getattr(args, k) for k in RESUMED_ARGS}, "teacher_steps": steps_before + steps1,
+            "train_s": round(train_s, 2), "wall_s": round(prev_wall + runs[-1]["wall_s"], 1), "runs": runs,
+            "history": history, "flux_config": config.to_dict(), "parameters": {"flux": n_flux, "text_encoder": n_text},
+        }
+        paths = ckpt.save_training_state(args.checkpoint, tensors, new_state)
+        size = sum(os.path.getsize(p) for p in paths)
+        log(f"checkpoint after {steps_before + steps1} teacher steps: {len(paths)} files, {size:,} bytes in "
+            f"{args.checkpoint} ({time.time() - t_save:.1f} s); continue with --resume {args.checkpoint}")
+        return new_state
+
+    final_model, final_text = ema_model.module, ema_text.module
     steps2 = 0
 
     # ---- stage 2: guidance distillation into the same (compiled) module
@@ -292,7 +395,7 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict[str,
                 vec = torch.cat([vec_c, vec_u.expand(b, -1)])
                 v = call(teacher, torch.cat([xt, xt]), ctx, vec, torch.cat([t, t]), torch.ones(2 * b, device=device))
                 v_c, v_u = v.float().chunk(2)
-                target = v_u + g.view(b, 1, 1) * (v_c - v_u)
+                target = v_u + cfg_scale(g).view(b, 1, 1) * (v_c - v_u)
             # The compiled graph from stage 1 saw text inputs that require grad; matching
             # that avoids a second compilation (a minute) inside this short stage.
             ctx_c.requires_grad_(True)
@@ -307,19 +410,28 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict[str,
             ema_student.update(model)
             return loss
 
-        steps2 = run_stage("distill", n2, end, student_step, history, args.batch, args.log_every)
+        start2 = time.time()
+
+        def student_frac(local_step: int) -> float:
+            return local_step / n2 if n2 else (time.time() - start2) / max(end - start2, 1e-6)
+
+        steps2 = run_stage("distill", n2, end, student_step, history, args.batch, args.log_every, student_frac,
+                           0, run)
         if steps2:
-            final = ema_student.module
+            final_model = ema_student.module
+    runs[-1]["distill_steps"] = steps2
 
     # ---- save, reload what was saved, score the held-out prompts
     os.makedirs(args.out, exist_ok=True)
     flux_path, text_path = os.path.join(args.out, FLUX_FILE), os.path.join(args.out, TEXT_FILE)
-    train_info = {"seed": args.seed, "teacher_steps": steps1, "distill_steps": steps2, "batch": args.batch,
-                  "guidance_distilled": steps2 > 0, "guidance_range": list(GUIDANCE_RANGE)}
-    save_flux(final, flux_path, {"training": train_info})
+    teacher_steps = steps_before + steps1
+    train_info = {"seed": args.seed, "teacher_steps": teacher_steps, "distill_steps": steps2, "batch": args.batch,
+                  "guidance_distilled": steps2 > 0, "guidance_range": list(GUIDANCE_RANGE),
+                  "cfg_per_guidance": CFG_PER_GUIDANCE, "commands": len(runs)}
+    save_flux(final_model, flux_path, {"training": train_info})
     save_text_encoder(final_text, text_path)
     sizes = {FLUX_FILE: os.path.getsize(flux_path), TEXT_FILE: os.path.getsize(text_path)}
-    log(f"saved {sizes} after {steps1} teacher + {steps2} distillation steps")
+    log(f"saved {sizes} after {teacher_steps} teacher + {steps2} distillation steps")
 
     evals = []
     if args.eval_n:
@@ -333,15 +445,17 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict[str,
                 save_grid(res["images"][:48], os.path.join(args.out, "samples.png"))
             evals.append({k: v for k, v in res.items() if k not in ("captions", "passed", "reasons", "images")})
 
+    runs[-1]["wall_s"] = round(time.time() - _start, 1)
     summary = {
         "args": vars(args), "flux_config": config.to_dict(), "parameters": {"flux": n_flux, "text_encoder": n_text},
-        "file_bytes": sizes, "training": train_info, "history": history, "eval": evals,
+        "file_bytes": sizes, "training": train_info, "runs": runs, "history": history, "eval": evals,
         "best_guidance": max(evals, key=lambda e: e["overall"])["guidance"] if evals else None,
-        "wall_s": round(time.time() - _start, 1),
+        "train_s": round(time.time() - loop_start + train_before, 1),
+        "wall_s": round(prev_wall + runs[-1]["wall_s"], 1),
     }
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    log(f"done in {summary['wall_s']} s")
+    log(f"done in {runs[-1]['wall_s']} s (all commands: {summary['wall_s']} s)")
     return summary
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from converter.fileformat import BitfluxHeader, LayerSpec
-from testbed.flux import Flux, FluxConfig
+from converter.flux_model import Flux, FluxConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

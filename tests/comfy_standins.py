@@ -6,7 +6,7 @@ tests/test_comfy_server.py and bench/comfy_e2e.py).
   CLIP-L and the VAE have their real sizes (ComfyUI's VAE detection hard-codes its widths); with
   `tiny` the T5 keeps T5-XXL's 24 layers (what ComfyUI's detection looks for) at width 64, which
   ComfyUI builds only when its `t5xxl_model_config` model option says so (`small_t5_config` gives it).
-- A small FLUX-architecture checkpoint (testbed.flux, random) and its converter output: `make_tiny_files`.
+- A small FLUX-architecture checkpoint (converter.flux_model, random) and its converter output: `make_tiny_files`.
 
 ComfyUI must be importable (its root on sys.path, torch's CPU/GPU choice made) before the writers run;
 nothing here imports it at module level.
@@ -200,12 +200,12 @@ def small_t5_config(sd: dict[str, torch.Tensor]) -> Optional[dict[str, int]]:
 
 
 def make_tiny_files(workdir: str, device: str = "cpu", out_name: Optional[str] = None) -> tuple[str, str]:
-    """A small FLUX-architecture BFL checkpoint (testbed.flux, random, bf16) and its converter output
+    """A small FLUX-architecture BFL checkpoint (converter.flux_model, random, bf16) and its converter output
     (default method). Returns (converted path, checkpoint path)."""
     from safetensors.torch import save_file
 
     from converter import convert
-    from testbed.flux import Flux, FluxConfig
+    from converter.flux_model import Flux, FluxConfig
 
     os.makedirs(workdir, exist_ok=True)
     dense = os.path.join(workdir, "tiny-flux-random.safetensors")

@@ -12,7 +12,7 @@ from test_converter_support import dense_state, make_state, save_bfl, tiny_confi
 from converter import convert
 from converter.diffusers_model import diffusers_config, load_diffusers_transformer
 from converter.fileformat import read_header
-from testbed.flux import Flux, make_img_ids, make_txt_ids
+from converter.flux_model import Flux, make_img_ids, make_txt_ids
 
 diffusers = pytest.importorskip("diffusers")
 

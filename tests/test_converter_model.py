@@ -10,7 +10,7 @@ from torch import nn
 from bitkernel.nn import Int4Linear, Int8Linear, TernaryLinear
 from converter import convert
 from converter.fileformat import BitfluxFormatError, LayerSpec, build_linear, load_tensors, read_header
-from testbed.flux import Flux, FluxConfig, make_img_ids, make_txt_ids
+from converter.flux_model import Flux, FluxConfig, make_img_ids, make_txt_ids
 
 RULES = [
     "double_blocks.*.img_mod.lin=int8",

@@ -14,7 +14,7 @@ import bitkernel.functional as BF
 from bitkernel.formats import QuantizedWeight
 from converter import keymap
 from converter.fileformat import LayerSpec, read_header
-from testbed.flux import Flux, FluxConfig, block_linear_names
+from converter.flux_model import Flux, FluxConfig, block_linear_names
 
 
 def tiny_config(**kw) -> FluxConfig:

@@ -1,10 +1,10 @@
-"""ComfyUI's own Flux class, given our config and state dict, computes what testbed.flux computes."""
+"""ComfyUI's own Flux class, given our config and state dict, computes what converter.flux_model computes."""
 
 import comfy_env as ce
 import pytest
 import torch
 
-from testbed.flux import FluxConfig, make_img_ids, make_txt_ids, pack, unpack
+from converter.flux_model import FluxConfig, make_img_ids, make_txt_ids, pack, unpack
 
 pytestmark = pytest.mark.comfyui
 

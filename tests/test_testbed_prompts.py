@@ -14,7 +14,7 @@ from testbed.prompts import (
     train_specs,
     uses_unseen_pair,
 )
-from testbed.scenes import CATEGORIES, COLORS, SHAPES, SpecTable, sample_scenes
+from testbed.scenes import CATEGORIES, COLORS, SHAPES, Spec, SpecTable, sample_scenes
 from testbed.text import TextEncoder
 
 
@@ -62,3 +62,17 @@ def test_every_prompt_tokenizes():
     tokens = tok.encode(captions)
     assert tokens.shape == (len(captions), tok.max_len)
     assert (tokens[:, 0] != 0).all()
+
+
+def test_heldout_position_captions_have_their_picture_in_training():
+    # "A left of B" is evaluated; the same picture is trained as "B right of A", the
+    # mirror as "B left of A"; no training caption has A as subject and B as object on that axis
+    flip = {0: 1, 1: 0, 2: 3, 3: 2}
+    train = {s.caption for s in train_specs()}
+    held = [it.spec for it in eval_items() if it.spec.category == "position"]
+    assert len({s.caption for s in held}) == 16
+    for s in held:
+        a, b = s.shapes
+        assert Spec("position", (b, a), s.colors, flip[s.relation]).caption in train  # same picture
+        assert Spec("position", (b, a), s.colors, s.relation).caption in train  # mirror picture
+        assert Spec("position", s.shapes, s.colors, flip[s.relation]).caption not in train

@@ -44,7 +44,7 @@ class FluxConfig:
     mlp_ratio: float = 4.0
     num_heads: int = 2
     depth: int = 2
-    depth_single_blocks: int = 3
+    depth_single_blocks: int = 2  # 3 made the bf16 file 16,499,520 B, over the 16,000,000 B limit
     axes_dim: tuple[int, ...] = (16, 56, 56)
     theta: int = 10_000
     qkv_bias: bool = True
