@@ -6,6 +6,11 @@ Times come from CUDA graphs of 20 back-to-back calls replayed between CUDA event
 (median of several replays), with enough weight copies in rotation that the
 weights come from device memory, not L2. Ratios are bf16 time / format time:
 above 1 is faster than torch bf16 (cuBLAS).
+
+On sm_89+ W1.58A8 with M > 16 runs as FP8 (BITKERNEL_FP8=0 measures the int8
+kernel instead); the "fp8 cuBLAS" column is its ceiling: torch._scaled_mm alone
+on operands already in e4m3 (row-wise scales, bf16 out), without the per-call
+activation quantization and weight expansion.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ VARIANTS = [
     ("W8A8", "int8", 0, True),
     ("W1.58A8", "ternary", 0, True),
 ]
+FP8_CEILING = "fp8 cuBLAS"
 CALLS_PER_GRAPH = 20
 L2_FLUSH_BYTES = 256 << 20
 
@@ -88,10 +94,38 @@ def bench_shape(n: int, k: int, m: int) -> dict[str, float]:
             for _ in range(copies_for(qw.nbytes()) - 1)
         ]
         res[name] = time_graph([lambda q=q_, a=a8: F.linear(x, q, None, a) for q_ in qws])
+        if name == "W1.58A8":
+            res[FP8_CEILING] = fp8_ceiling(x, qw)
         del qws
     del ws
     torch.cuda.empty_cache()
     return res
+
+
+def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> float:
+    """ms of torch._scaled_mm on pre-quantized e4m3 operands (nan where the GPU or torch lacks it)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        return float("nan")
+    n, k = qw.out_features, qw.in_features
+    x8, sx = F.quantize_rows_fp8(x)
+    w8 = F.ternary_to_fp8(qw.qweight, k)
+    ws = [w8] + [w8.clone() for _ in range(copies_for(w8.numel()) - 1)]
+    sw = qw.scale.reshape(1, n).contiguous()
+    try:
+        return time_graph(
+            [
+                lambda w=w_: torch._scaled_mm(
+                    x8, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=F.FP8_FAST_ACCUM
+                )
+                for w_ in ws
+            ]
+        )
+    except RuntimeError:
+        return float("nan")
+
+
+def cell(t: float, base: float) -> str:
+    return "n/a" if t != t else f"{t:.4f} ({base / t:.2f}x)"
 
 
 def main() -> None:
@@ -104,14 +138,15 @@ def main() -> None:
     info = bitkernel.info()
     head = (
         f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | bitkernel {info['version']} "
-        f"(archs {info['cuda_archs']})\n\n"
+        f"(archs {info['cuda_archs']}) | W1.58A8 FP8 path {'on' if F.FP8 else 'off'}\n\n"
     )
-    cols = ["bf16 ms"] + [f"{v[0]} ms (x)" for v in VARIANTS]
+    names = [v[0] for v in VARIANTS] + [FP8_CEILING]
+    cols = ["bf16 ms"] + [f"{name} ms (x)" for name in names]
     lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for label, n, k in SHAPES:
         for m in args.m:
             r = bench_shape(n, k, m)
-            cells = [f"{r['bf16']:.4f}"] + [f"{r[v[0]]:.4f} ({r['bf16'] / r[v[0]]:.2f}x)" for v in VARIANTS]
+            cells = [f"{r['bf16']:.4f}"] + [cell(r[name], r["bf16"]) for name in names]
             lines.append(f"| {label} ({n}x{k}) | {m} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     table = head + "\n".join(lines) + "\n"

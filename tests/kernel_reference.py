@@ -58,10 +58,26 @@ def quantize_act(x: torch.Tensor) -> torch.Tensor:
     return q.double() * s.double()
 
 
-def linear(x, fmt, qweight, scale, zero, group_size, bias=None, act_int8=False) -> torch.Tensor:
+def quantize_act_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token e4m3 fake quantization: what W1.58A8 multiplies with on sm_89+ at M > 16.
+
+    s = max|x| / 448 (1 for a zero row), code = e4m3(RN_f32(x / s)); the float64 divisions
+    rounded once to float32 are the correctly rounded float32 quotients.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    s = torch.where(amax > 0, (amax.double() / 448).float(), torch.ones_like(amax))
+    q = (xf.double() / s.double()).float().to(torch.float8_e4m3fn)
+    return q.double() * s.double()
+
+
+def linear(x, fmt, qweight, scale, zero, group_size, bias=None, act_int8=False, act_fp8=False) -> torch.Tensor:
     k = x.shape[-1]
     w = dequantize(fmt, qweight, scale, zero, k, group_size)
-    xr = quantize_act(x.cpu()) if act_int8 else x.cpu().double()
+    if act_fp8:
+        xr = quantize_act_fp8(x.cpu())
+    else:
+        xr = quantize_act(x.cpu()) if act_int8 else x.cpu().double()
     y = xr @ w.T
     if bias is not None:
         y = y + bias.cpu().double()

@@ -31,6 +31,14 @@ def make(fmt, group, sym, n, k, device, gen, bias_dtype=None):
     return qw, bias
 
 
+def takes_fp8(x, qw, act_int8):
+    """Whether the op runs e4m3 activations here (W1.58A8 at M > 16 on sm_89+)."""
+    if x.device.type != "cuda":
+        return False
+    m = x.numel() // x.shape[-1]
+    return F.fp8_path_applies(qw.fmt, qw.group_size, act_int8, m, torch.cuda.get_device_capability(x.device))
+
+
 def check(x, qw, bias, act_int8, tol):
     y = F.linear(x, qw, bias, act_int8)
     assert y.dtype == x.dtype and y.device == x.device and y.shape == (*x.shape[:-1], qw.out_features)
@@ -43,6 +51,7 @@ def check(x, qw, bias, act_int8, tol):
         qw.group_size,
         bias,
         act_int8,
+        act_fp8=takes_fp8(x, qw, act_int8),
     )
     assert torch.isfinite(y).all()
     err = rel_err(y, ref)

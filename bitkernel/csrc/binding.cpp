@@ -117,5 +117,15 @@ PYBIND11_MODULE(_C, m) {
     gemm_s8_cuda(fmt, ptr<const int8_t>(xq), ptr<const float>(xs), M, K, ptr<const uint8_t>(q), ptr<const float>(scale),
                  N, ptr<const void>(bias), dtype, ptr<void>(y), stream);
   });
+  m.def("fp8_supported", &fp8_supported_cuda);
+  m.def("ternary_to_fp8_cuda", [](uintptr_t q, int64_t N, int64_t K, int64_t rows, uintptr_t out, int64_t ldo,
+                                  uintptr_t stream) {
+    check_format(TERNARY, K, 0);
+    ternary_to_fp8_cuda(ptr<const uint8_t>(q), N, K, rows, ptr<uint8_t>(out), ldo, stream);
+  });
+  m.def("quantize_rows_fp8_cuda", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t out,
+                                     int64_t ldo, uintptr_t scales, uintptr_t stream) {
+    quantize_rows_fp8_cuda(ptr<const void>(x), dtype, M, K, ldx, ptr<uint8_t>(out), ldo, ptr<float>(scales), stream);
+  });
 #endif
 }

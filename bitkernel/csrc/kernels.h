@@ -42,6 +42,18 @@ void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* x
 void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t K,
                   const uint8_t* q, const float* scale, int64_t N, const void* bias, int dtype,
                   void* y, uintptr_t stream);
+// FP8 e4m3 operands for torch._scaled_mm (W1.58A8 at large M on sm_89+, see cuda/fp8.cu).
+// Whether this build has FP8 kernels for the current device (sm_89+ code in the image).
+bool fp8_supported_cuda();
+// Canonical ternary codes [N, K / 4] -> e4m3 {-1, 0, +1} [rows, ldo] (rows >= N, ldo >= K a
+// multiple of 16, out 16-byte aligned); the padding rows and columns are zeros. No scales.
+void ternary_to_fp8_cuda(const uint8_t* q, int64_t N, int64_t K, int64_t rows, uint8_t* out, int64_t ldo,
+                         uintptr_t stream);
+// Per-token e4m3 quantization of x [M, K] (row stride ldx elements) into out [M, ldo]
+// (columns >= K zeroed) and scales [M]: s = max|x_m| / 448 (1 if 0), code = e4m3(x / s).
+// Throws unless fp8_supported_cuda().
+void quantize_rows_fp8_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* out, int64_t ldo,
+                            float* scales, uintptr_t stream);
 // Throws bitkernel::Error naming the CUDA error after a launch.
 void check_launch(const char* what);
 #endif

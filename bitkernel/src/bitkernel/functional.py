@@ -3,10 +3,20 @@
 `linear` is the torch custom op `bitkernel::linear` (with a fake implementation,
 so it traces under torch.compile and can be captured in CUDA graphs: it never
 synchronises and allocates only through torch).
+
+W1.58A8 on sm_89+ (Ada, Hopper and newer) with at least FP8_MIN_M rows runs as
+an FP8 e4m3 GEMM (`torch._scaled_mm` with row-wise scales): ternary weights are
+exact in e4m3 and FP8 tensor cores are ~4x faster than our int8 kernel there.
+The activations then carry e4m3's 3 mantissa bits instead of int8's 7 (see
+`linear`). `BITKERNEL_FP8=0` in the environment (read at import) or
+`bitkernel.functional.FP8 = False` selects the int8 kernel everywhere.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -26,6 +36,21 @@ SMALL_M = 16
 # From this many rows on, the CPU path expands the weights and uses torch's BLAS.
 CPU_DENSE_M = 64
 _FORMAT_NAMES = {v: k for k, v in FORMAT_CODES.items()}
+
+# W1.58A8 as FP8 on sm_89+ (module docstring). A switch for A/B measurements and a way out.
+FP8: bool = os.environ.get("BITKERNEL_FP8", "1").strip().lower() not in ("0", "false", "off", "no")
+# From this many rows on W1.58A8 takes the FP8 path. Below, the int8 small-M path stays: the
+# expansion of the weights to e4m3 (4x the packed bytes, written and read back) would dominate.
+FP8_MIN_M = SMALL_M + 1
+# torch._scaled_mm's use_fast_accum: Hopper's FP8 tensor cores then keep partial sums in
+# reduced precision instead of promoting them to fp32; faster, not the default until measured.
+FP8_FAST_ACCUM: bool = False
+# torch._scaled_mm needs K and N multiples of 16; the FP8 operands are zero padded to it.
+_FP8_ALIGN = 16
+# Per device index: why torch._scaled_mm refused row-wise scaling (the int8 kernel then serves it).
+_fp8_failed: dict[int, str] = {}
+# Per (device index, dtype): the output plan torch._scaled_mm accepted.
+_fp8_plans: dict[tuple[int, torch.dtype], tuple[torch.dtype, bool]] = {}
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -156,10 +181,15 @@ def _linear_op(
     act_int8: bool,
 ) -> torch.Tensor:
     _, k, n = _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8)
-    x2 = x.reshape(-1, k).contiguous()  # non-contiguous inputs are copied, never rejected
+    x2 = x.reshape(-1, k)  # a view where it can be: the FP8 path reads strided rows in place
     m = x2.shape[0]
-    dt = DTYPE_CODES[x.dtype]
     dev = x.device
+    if dev.type == "cuda" and _use_fp8(fmt, group_size, act_int8, m, dev):
+        y = _linear_fp8(x2, qweight, scale, bias)
+        if y is not None:
+            return y.reshape(*x.shape[:-1], n)
+    x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
+    dt = DTYPE_CODES[x.dtype]
     # The arguments every product kernel takes first (C++ order: x, then the weight, then the bias).
     common = (fmt, _ptr(x2), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, _ptr(bias))
     if dev.type != "cuda":
@@ -198,6 +228,215 @@ def _linear_fake(x, qweight, scale, zero, bias, fmt, group_size, act_int8):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+def fp8_path_applies(fmt: str, group_size: int, act_int8: bool, m: int, capability: tuple[int, int]) -> bool:
+    """The dispatch rule of the FP8 path, a pure function of the call (no device query).
+
+    Ternary weights with one scale per row and int8-class activations (W1.58A8), at
+    least FP8_MIN_M rows (below that the product is bound by reading the weights and the
+    int8 small-M path stays), a GPU of compute capability 8.9+, and the FP8 switch on.
+    The op also needs this build's FP8 kernels for the GPU and a torch whose row-wise
+    `_scaled_mm` accepts the call; without them it runs the int8 kernel.
+    """
+    return bool(
+        FP8 and act_int8 and fmt == "ternary" and group_size == 0 and m >= FP8_MIN_M and tuple(capability) >= (8, 9)
+    )
+
+
+def _version(v: Optional[str]) -> tuple[int, int]:
+    parts = (v or "0").split("+")[0].split(".")
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in (parts + ["0"])[:2])
+
+
+def fp8_output_plan(
+    dtype: torch.dtype,
+    capability: tuple[int, int],
+    torch_version: Optional[str] = None,
+    cuda_version: Optional[str] = None,
+) -> tuple[torch.dtype, bool]:
+    """How the FP8 GEMM produces `dtype`: (`out_dtype` for torch._scaled_mm, bias fused in it).
+
+    bfloat16 output with a bfloat16 bias is what row-wise `_scaled_mm` supports wherever
+    it exists. float16 goes direct only on sm_90 with torch >= 2.9 built for CUDA >= 12.9,
+    where torch runs row-wise scaling through cuBLAS, which writes float16. Elsewhere torch
+    runs CUTLASS kernels that reject float16 output (torch < 2.10) or, in some versions,
+    write bfloat16 values into a float16 output without a bias; there the GEMM gives
+    bfloat16, cast to float16, and the bias is added afterwards (the output then carries
+    bfloat16's 2^-9 relative rounding, small next to e4m3's 2^-4).
+    """
+    if dtype == torch.bfloat16:
+        return torch.bfloat16, True
+    tv = _version(torch.__version__ if torch_version is None else torch_version)
+    cv = _version(torch.version.cuda if cuda_version is None else cuda_version)
+    if tuple(capability)[0] == 9 and tv >= (2, 9) and cv >= (12, 9):
+        return dtype, True
+    return torch.bfloat16, False
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+@functools.cache
+def _fp8_built_for(index: int) -> bool:
+    """Whether this build has FP8 kernels for the GPU (sm_89+ code in its image)."""
+    with torch.cuda.device(index):
+        return bool(require_cuda().fp8_supported())
+
+
+def _use_fp8(fmt: int, group_size: int, act_int8: bool, m: int, dev: torch.device) -> bool:
+    return (
+        act_int8
+        and fp8_path_applies(_FORMAT_NAMES[fmt], group_size, act_int8, m, _capability(dev.index))
+        and dev.index not in _fp8_failed
+        and _fp8_built_for(dev.index)
+    )
+
+
+def _round_up(v: int, to: int) -> int:
+    return -(-v // to) * to
+
+
+def _require_fp8(dev: torch.device, what: str) -> None:
+    if dev.type != "cuda":
+        raise ValueError(f"bitkernel.{what} runs on CUDA tensors, got device {dev}")
+    cap = _capability(dev.index)
+    if cap < (8, 9):
+        raise RuntimeError(
+            f"bitkernel.{what} needs a GPU of compute capability 8.9 or newer (FP8 e4m3), "
+            f"but {dev} is {cap[0]}.{cap[1]}"
+        )
+    if not _fp8_built_for(dev.index):
+        raise RuntimeError(
+            f"bitkernel.{what}: this build of bitkernel has no FP8 kernels for {dev} "
+            f"(capability {cap[0]}.{cap[1]}; built for {C.info()['cuda_archs']}). Rebuild with "
+            f"BITKERNEL_CUDA_ARCHS including {cap[0]}{cap[1]}: "
+            f"`BITKERNEL_CUDA_ARCHS={cap[0]}{cap[1]} pip install --force-reinstall --no-cache-dir ./bitkernel`"
+        )
+
+
+def ternary_to_fp8(
+    qweight: torch.Tensor, in_features: int, rows: Optional[int] = None, cols: Optional[int] = None
+) -> torch.Tensor:
+    """Unpacks canonical ternary codes [N, K / 4] (CUDA) into float8_e4m3fn [rows, cols].
+
+    The values are the weights -1, 0, +1 without their scales (they are exact in
+    e4m3); rows >= N (default N) and cols >= K, a multiple of 16 (default K rounded up
+    to 16), are zero padded. Pure integer work: it runs on any GPU.
+    """
+    if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.device.type != "cuda":
+        raise ValueError(
+            f"ternary_to_fp8 takes uint8 codes [N, K / 4] on a CUDA device, got {qweight.dtype} "
+            f"{tuple(qweight.shape)} on {qweight.device}"
+        )
+    check_shape("ternary", in_features, 0)
+    n = qweight.shape[0]
+    if qweight.shape[1] != in_features // 4:
+        raise ValueError(f"qweight must have {in_features // 4} bytes per row for in_features={in_features}")
+    rows = n if rows is None else rows
+    cols = _round_up(in_features, _FP8_ALIGN) if cols is None else cols
+    if rows < n or cols < in_features or cols % _FP8_ALIGN:
+        raise ValueError(f"ternary_to_fp8 needs rows >= {n} and cols >= {in_features}, a multiple of 16")
+    q = qweight.contiguous()
+    dev = q.device
+    out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=dev)
+    with torch.cuda.device(dev):
+        require_cuda().ternary_to_fp8_cuda(_ptr(q), n, in_features, rows, _ptr(out), cols, _stream(dev))
+    return out
+
+
+def quantize_rows_fp8(x: torch.Tensor, cols: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 quantization of x [M, K] (float16/bfloat16, CUDA, sm_89+).
+
+    Returns (codes float8_e4m3fn [M, cols], scales float32 [M, 1]) with
+    s = max|x_m| / 448 (1 for rows whose max is 0) and code = e4m3(x / s): the
+    float32 quotient rounded to nearest even, exactly as
+    `(x.float() / s).to(torch.float8_e4m3fn)`. cols >= K (default K rounded up to
+    16) zero pads the rows. Rows of x may be strided; its last dimension must be dense.
+    """
+    if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"quantize_rows_fp8 takes float16/bfloat16 [M, K], got {x.dtype} {tuple(x.shape)}")
+    _require_fp8(x.device, "quantize_rows_fp8")
+    with torch.cuda.device(x.device):
+        return _quantize_rows_fp8(x, cols, _stream(x.device))
+
+
+def _quantize_rows_fp8(x: torch.Tensor, cols: Optional[int], stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    cols = _round_up(k, _FP8_ALIGN) if cols is None else cols
+    if cols < k:
+        raise ValueError(f"quantize_rows_fp8 needs cols >= K = {k}, got {cols}")
+    x8 = torch.empty(m, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    sx = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    require_cuda().quantize_rows_fp8_cuda(
+        _ptr(x), DTYPE_CODES[x.dtype], m, k, x.stride(0), _ptr(x8), cols, _ptr(sx), stream
+    )
+    return x8, sx
+
+
+def _linear_fp8(
+    x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """W1.58A8 as e4m3 x e4m3 -> fp32 on FP8 tensor cores; None if torch._scaled_mm refuses."""
+    dev, index = x2.device, x2.device.index
+    m, k = x2.shape
+    n = qweight.shape[0]
+    kp, np_ = _round_up(k, _FP8_ALIGN), _round_up(n, _FP8_ALIGN)
+    lib = require_cuda()
+    with torch.cuda.device(dev):
+        stream = _stream(dev)
+        x8, sx = _quantize_rows_fp8(x2, kp, stream)
+        # Expanded per call into a temporary (the caching allocator reuses the block), so the
+        # weights stay 2-bit in memory. The expansion streams ~5 bytes per weight (~10 us for
+        # 3072 x 12288 on an H200): a few percent of the GEMM at M = 4608, more at a few hundred rows.
+        w8 = torch.empty(np_, kp, dtype=torch.float8_e4m3fn, device=dev)
+        lib.ternary_to_fp8_cuda(_ptr(qweight.contiguous()), n, k, np_, _ptr(w8), kp, stream)
+        sw = scale.reshape(1, n).contiguous()  # the per-row weight scales are the GEMM's column scales
+        bp = bias
+        if np_ != n:
+            sw = torch.nn.functional.pad(sw, (0, np_ - n))
+            bp = None if bias is None else torch.nn.functional.pad(bias, (0, np_ - n))
+        plan = _fp8_plans.get((index, x2.dtype)) or fp8_output_plan(x2.dtype, _capability(index))
+        plans = [plan] + ([(torch.bfloat16, False)] if plan != (torch.bfloat16, False) else [])
+        y, error = None, None
+        for out_dtype, fuse_bias in plans:
+            try:
+                y = torch._scaled_mm(
+                    x8,
+                    w8.t(),  # column-major [K, N], as _scaled_mm wants its second operand
+                    scale_a=sx,
+                    scale_b=sw,
+                    bias=bp if fuse_bias else None,
+                    out_dtype=out_dtype,
+                    use_fast_accum=FP8_FAST_ACCUM,
+                )
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:  # torch checks arguments before launching: safe in graph capture
+                error = exc
+                continue
+            _fp8_plans[(index, x2.dtype)] = (out_dtype, fuse_bias)
+            break
+        if y is None:
+            _fp8_failed[index] = str(error)
+            warnings.warn(
+                f"bitkernel: torch._scaled_mm with row-wise scales failed on {dev} ({error}); W1.58A8 runs "
+                "the int8 kernel on this device from now on. Set BITKERNEL_FP8=0 to choose that upfront.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+    if np_ != n:
+        y = y[:, :n]
+    if y.dtype != x2.dtype:
+        y = y.to(x2.dtype)
+    if bias is not None and not fuse_bias:
+        y = y + bias
+    return y
+
+
 def linear(
     x: torch.Tensor,
     qw: QuantizedWeight,
@@ -206,8 +445,26 @@ def linear(
 ) -> torch.Tensor:
     """y = x @ W.T (+ bias) for x [..., K] in float16 or bfloat16 (float32 too on CPU).
 
-    `act_int8` quantizes each row of x to int8 inside the op (W8A8, W1.58A8);
+    `act_int8` quantizes each row of x to 8 bits inside the op (W8A8, W1.58A8);
     it needs ternary or int8 weights with one scale per row. x may be
     non-contiguous (it is copied); the result has x's dtype and device.
+
+    The 8-bit activation format depends on the kernel that runs (a kernel choice,
+    not part of the weight format):
+
+    - int8: round(x / s) clamped to [-127, 127], s = max|x_row| / 127 (uniform steps
+      of s). On CPU, for int8 weights, below FP8_MIN_M rows and on GPUs before sm_89.
+    - FP8 e4m3, for ternary weights with at least FP8_MIN_M rows on sm_89+:
+      e4m3(x / s) with s = max|x_row| / 448 (1 for an all-zero row), the float32
+      quotient rounded to nearest even. 3 mantissa bits: a relative error up to 2^-4
+      per element at any magnitude down to e4m3's subnormals, where int8's steps are
+      uniform. torch._scaled_mm multiplies the codes (exact products, fp32
+      accumulation) with s and the weight scales as row and column scales.
+
+    For Gaussian-like activations the two differ by ~2-3% (relative norm of the
+    output). `BITKERNEL_FP8=0` (environment, read at import) or
+    `bitkernel.functional.FP8 = False` keeps int8 everywhere. If torch's row-wise
+    `_scaled_mm` refuses the call (too old a torch for this GPU), the op warns once
+    and runs the int8 kernel on that device.
     """
     return _linear_op(x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8)

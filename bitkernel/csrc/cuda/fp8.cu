@@ -1,0 +1,309 @@
+// FP8 e4m3 operands for W1.58A8 on sm_89+: the product itself is torch._scaled_mm
+// (cuBLAS / CUTLASS FP8 tensor cores with row-wise scales), called from Python.
+// Our int8 mma.sync GEMM reaches ~0.4x of bf16 cuBLAS at large M, FP8 cuBLAS
+// ~1.7x, and ternary weights {-1, 0, +1} are exact in e4m3, so only the
+// activations change numerics (e4m3: 3 mantissa bits instead of int8's 7).
+//
+// ternary_to_fp8: canonical 2-bit codes [N, K/4] -> dense e4m3 [rows, ldo]
+//   (-1/0/+1, zero padded). Per-row scales are applied by the GEMM (scale_b).
+// quantize_rows_fp8: x [M, K] fp16/bf16 (row stride ldx) -> e4m3 [M, ldo] with
+//   s[m] = max|x_m| / 448 (1 for rows whose max is 0), code = RNE_e4m3(RN_f32(x / s)).
+//   The quotient is the correctly rounded float32 x / s, so the codes are
+//   bit-identical to torch's (x.float() / s).to(torch.float8_e4m3fn).
+#include <cuda_fp8.h>
+
+#include <atomic>
+
+#include "cuda/device.cuh"
+#include "kernels.h"
+
+namespace bitkernel {
+namespace fp8_detail {
+
+// ---------------------------------------------------------------------------
+// quantize_rows_fp8 helpers. The kernels' bodies exist only for sm_89+
+// (cvt.rn.satfinite.e4m3x2 is an sm_89 instruction and older archs have no FP8
+// GEMM to feed): there they are empty and the host refuses to launch them, see
+// fp8_supported_cuda. The helpers sit in a named namespace so that the
+// sm_75/80/86 passes, which never reference them, do not warn about that.
+
+template <typename T> struct Bits16;
+template <> struct Bits16<__half> {
+  static __device__ __forceinline__ uint32_t raw(__half v) { return __half_as_ushort(v); }
+  static __device__ __forceinline__ float to_float(uint32_t b) { return __half2float(__ushort_as_half(static_cast<unsigned short>(b))); }
+  static __device__ __forceinline__ float2 pair(uint32_t w) { return __half22float2(*reinterpret_cast<const __half2*>(&w)); }
+};
+template <> struct Bits16<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t raw(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+  static __device__ __forceinline__ float to_float(uint32_t b) { return __uint_as_float(b << 16); }
+  static __device__ __forceinline__ float2 pair(uint32_t w) { return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u)); }
+};
+
+// Divides by the row scale s, giving the correctly rounded float32 x / s (what
+// torch computes) in 5 FMA-pipe instructions instead of the ~10 of a full
+// IEEE division: y = RN(1/s) once per row, q0 = x * y, then two Markstein
+// corrections q += (x - q * s) * y. Checked exhaustively over every fp16 and
+// bf16 x against RN(x / s) for thousands of s on the CPU (glibc fmaf): the e4m3
+// codes never differ (the float32 quotient can differ only where it is a
+// float32 subnormal, far below e4m3's smallest code). The sign is copied from x
+// so that -0 stays -0. Outside s in [2^-60, 2^60] (only bf16 rows of extreme
+// magnitude reach it) the remainders could leave the normal range: plain division.
+struct RowDivider {
+  float s, y;
+  bool fast;
+  __device__ explicit RowDivider(float s_) {
+    s = s_;
+    y = __frcp_rn(s_);
+    fast = s_ >= 0x1p-60f && s_ <= 0x1p60f;
+  }
+  __device__ __forceinline__ float operator()(float x) const {
+    if (!fast) return __fdiv_rn(x, s);
+    float q = __fmul_rn(x, y);
+    q = __fmaf_rn(__fmaf_rn(-q, s, x), y, q);
+    q = __fmaf_rn(__fmaf_rn(-q, s, x), y, q);
+    return copysignf(q, x);
+  }
+};
+
+// Running max of |x| over 8 values, on the raw 16-bit patterns: for non-negative
+// fp16/bf16 the unsigned bit order is the value order (NaN above inf, as in
+// torch's amax, which propagates NaN), so two halves go per integer max.
+__device__ __forceinline__ uint32_t max_abs_bits(uint32_t m, uint4 v) {
+  m = __vmaxu2(m, v.x & 0x7fff7fffu);
+  m = __vmaxu2(m, v.y & 0x7fff7fffu);
+  m = __vmaxu2(m, v.z & 0x7fff7fffu);
+  return __vmaxu2(m, v.w & 0x7fff7fffu);
+}
+
+// Block-wide max of one 16-bit pattern per thread; every thread gets the result.
+__device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x >> 5) ? red[lane] : 0u;
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) red[0] = v;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// s = max|x| / 448 (IEEE division); rows whose max is 0 (or NaN) get 1, so
+// their codes are x / 1 (zeros for a zero row).
+template <typename T> __device__ __forceinline__ float row_scale(uint32_t amax_bits) {
+  const float amax = Bits16<T>::to_float(amax_bits);
+  return amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;  // 448: the largest finite e4m3
+}
+
+// Eight values (one 16-byte load) -> eight e4m3 codes.
+template <typename T> __device__ __forceinline__ uint2 quantize8(uint4 v, const RowDivider& d) {
+  uint32_t p[4];
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = Bits16<T>::pair(w[i]);
+    p[i] = __nv_cvt_float2_to_fp8x2(make_float2(d(f.x), d(f.y)), __NV_SATFINITE, __NV_E4M3);
+  }
+  return make_uint2(p[0] | (p[1] << 16), p[2] | (p[3] << 16));
+}
+
+template <typename T> __device__ __forceinline__ uint4 load8(const T* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+}  // namespace fp8_detail
+
+namespace {
+
+using namespace fp8_detail;
+
+constexpr int kThreads = 256;
+
+// ---------------------------------------------------------------------------
+// ternary_to_fp8 (pure integer work: no FP8 instructions, so it runs on every arch)
+
+// prmt table: byte c holds the e4m3 encoding of weight c - 1 (0xB8 = -1, 0x00 = 0,
+// 0x38 = +1); the invalid code 3 selects byte 3 = 0, i.e. weight 0.
+constexpr uint32_t kTernaryToE4M3 = 0x003800B8u;
+
+// Eight 2-bit codes (low 16 bits of w) -> eight 4-bit nibbles, nibble i = code i,
+// which is exactly the selector format of __byte_perm.
+__device__ __forceinline__ uint32_t codes_to_nibbles(uint32_t w) {
+  w &= 0xffffu;
+  w = (w | (w << 8)) & 0x00ff00ffu;
+  w = (w | (w << 4)) & 0x0f0f0f0fu;
+  return (w | (w << 2)) & 0x33333333u;
+}
+
+// One 32-bit word of codes (16 weights) -> 16 e4m3 bytes in weight order.
+__device__ __forceinline__ uint4 ternary_word_to_e4m3(uint32_t w) {
+  const uint32_t lo = codes_to_nibbles(w), hi = codes_to_nibbles(w >> 16);
+  return make_uint4(__byte_perm(kTernaryToE4M3, 0, lo), __byte_perm(kTernaryToE4M3, 0, lo >> 16),
+                    __byte_perm(kTernaryToE4M3, 0, hi), __byte_perm(kTernaryToE4M3, 0, hi >> 16));
+}
+
+// One thread per 16 output bytes: reads one word of codes (VEC: one 32-bit load;
+// else up to four byte loads with bounds) and writes one 16-byte vector. Rows
+// >= N and columns >= K are written as zeros (padding for the GEMM's alignment).
+// 32-bit index arithmetic, as in dequantize_vec_kernel: the host checks it fits.
+template <bool VEC>
+__global__ void ternary_to_fp8_kernel(const uint8_t* __restrict__ q, uint32_t N, uint32_t K,
+                                      uint32_t chunks_per_row, uint32_t total, uint8_t* __restrict__ out,
+                                      int64_t ldo) {
+  const uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const uint32_t n = idx / chunks_per_row, k0 = (idx - n * chunks_per_row) * 16;
+  const uint32_t rb = K / 4;
+  uint32_t w = 0x55555555u;  // code 1 everywhere = weight 0
+  if (n < N && k0 < K) {
+    const uint8_t* row = q + static_cast<int64_t>(n) * rb;
+    if constexpr (VEC) {
+      w = __ldg(reinterpret_cast<const uint32_t*>(row + k0 / 4));
+    } else {
+#pragma unroll
+      for (uint32_t b = 0; b < 4; ++b)
+        if (k0 / 4 + b < rb) w = (w & ~(0xffu << (8 * b))) | (static_cast<uint32_t>(row[k0 / 4 + b]) << (8 * b));
+    }
+  }
+  *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * ldo + k0) = ternary_word_to_e4m3(w);
+}
+
+// Single pass: the row (K <= 8 * ITEMS * kThreads) stays in registers between
+// the max and the conversion, so x is read from memory once. Needs K % 8 == 0,
+// 16-byte aligned rows of x and 8-byte aligned rows of out.
+template <typename T, int ITEMS>
+__global__ void __launch_bounds__(kThreads) quantize_rows_fp8_regs(const T* __restrict__ x, int64_t ldx, int K,
+                                                                   uint8_t* __restrict__ out, int64_t ldo,
+                                                                   float* __restrict__ scales) {
+#if __CUDA_ARCH__ >= 890
+  __shared__ uint32_t red[32];
+  const int64_t m = blockIdx.x;
+  const T* xr = x + m * ldx;
+  uint8_t* orow = out + m * ldo;
+  const int nvec = K / 8;
+  uint4 v[ITEMS];
+  uint32_t mx = 0;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int j = threadIdx.x + i * kThreads;
+    if (j < nvec) {
+      v[i] = load8(xr + 8 * j);
+      mx = max_abs_bits(mx, v[i]);
+    }
+  }
+  const float s = row_scale<T>(block_max(max(mx & 0xffffu, mx >> 16), red));
+  if (threadIdx.x == 0) scales[m] = s;
+  const RowDivider d(s);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int j = threadIdx.x + i * kThreads;
+    if (j < nvec) *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(v[i], d);
+  }
+  for (int64_t k = K + threadIdx.x; k < ldo; k += kThreads) orow[k] = 0;
+#endif
+}
+
+// Two passes over the row (the second mostly hits L2): any K, any alignment
+// (VEC = the 16-byte-load layout of quantize_rows_fp8_regs, else element loads).
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads) quantize_rows_fp8_2pass(const T* __restrict__ x, int64_t ldx, int64_t K,
+                                                                    uint8_t* __restrict__ out, int64_t ldo,
+                                                                    float* __restrict__ scales) {
+#if __CUDA_ARCH__ >= 890
+  __shared__ uint32_t red[32];
+  const int64_t m = blockIdx.x;
+  const T* xr = x + m * ldx;
+  uint8_t* orow = out + m * ldo;
+  uint32_t mx = 0;
+  if constexpr (VEC) {
+    for (int64_t j = threadIdx.x; j < K / 8; j += kThreads) mx = max_abs_bits(mx, load8(xr + 8 * j));
+    mx = max(mx & 0xffffu, mx >> 16);
+  } else {
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) mx = max(mx, Bits16<T>::raw(xr[k]) & 0x7fffu);
+  }
+  const float s = row_scale<T>(block_max(mx, red));
+  if (threadIdx.x == 0) scales[m] = s;
+  const RowDivider d(s);
+  if constexpr (VEC) {
+    for (int64_t j = threadIdx.x; j < K / 8; j += kThreads)
+      *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(load8(xr + 8 * j), d);
+  } else {
+    for (int64_t k = threadIdx.x; k < K; k += kThreads)
+      orow[k] = __nv_cvt_float_to_fp8(d(Bits16<T>::to_float(Bits16<T>::raw(xr[k]))), __NV_SATFINITE, __NV_E4M3);
+  }
+  for (int64_t k = K + threadIdx.x; k < ldo; k += kThreads) orow[k] = 0;
+#endif
+}
+
+template <typename T>
+void launch_quantize_rows(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t* out, int64_t ldo, float* scales,
+                          cudaStream_t s) {
+  const bool vec = K % 8 == 0 && ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldo % 8 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 8 == 0;
+  const unsigned grid = static_cast<unsigned>(M);
+  const int64_t nvec = K / 8;
+  if (vec && nvec <= 2 * kThreads) quantize_rows_fp8_regs<T, 2><<<grid, kThreads, 0, s>>>(x, ldx, static_cast<int>(K), out, ldo, scales);
+  else if (vec && nvec <= 4 * kThreads) quantize_rows_fp8_regs<T, 4><<<grid, kThreads, 0, s>>>(x, ldx, static_cast<int>(K), out, ldo, scales);
+  else if (vec && nvec <= 8 * kThreads) quantize_rows_fp8_regs<T, 8><<<grid, kThreads, 0, s>>>(x, ldx, static_cast<int>(K), out, ldo, scales);
+  else if (vec) quantize_rows_fp8_2pass<T, true><<<grid, kThreads, 0, s>>>(x, ldx, K, out, ldo, scales);
+  else quantize_rows_fp8_2pass<T, false><<<grid, kThreads, 0, s>>>(x, ldx, K, out, ldo, scales);
+}
+
+}  // namespace
+
+bool fp8_supported_cuda() {
+  // One answer per device (the build's kernel image for it does not change).
+  // Asking the runtime which PTX the kernel was compiled from catches both a
+  // GPU older than sm_89 (no compatible image: error) and a build without an
+  // sm_89+ target, where the driver runs sm_80/86 code (empty bodies) on it.
+  static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (dev < 64 && cache[dev].load() != 0) return cache[dev].load() == 2;
+  cudaFuncAttributes a{};
+  bool ok = cudaFuncGetAttributes(&a, quantize_rows_fp8_regs<__half, 2>) == cudaSuccess && a.ptxVersion >= 89;
+  cudaGetLastError();  // clear an error of the query above: it is an answer, not a failure
+  if (dev < 64) cache[dev].store(ok ? 2 : 1);
+  return ok;
+}
+
+void ternary_to_fp8_cuda(const uint8_t* q, int64_t N, int64_t K, int64_t rows, uint8_t* out, int64_t ldo,
+                         uintptr_t stream) {
+  check(ldo % 16 == 0 && ldo >= K, "bitkernel: ternary_to_fp8 needs an output row stride >= K and a multiple of 16");
+  check(rows >= N, "bitkernel: ternary_to_fp8 needs at least N output rows");
+  check(reinterpret_cast<uintptr_t>(out) % 16 == 0, "bitkernel: ternary_to_fp8 needs a 16-byte aligned output");
+  const int64_t total = rows * (ldo / 16);
+  if (total == 0) return;
+  check(total < (1LL << 32) - kThreads && K < (1LL << 32), "bitkernel: weight too large for ternary_to_fp8");
+  const unsigned blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+  const cudaStream_t s = as_stream(stream);
+  const auto n = static_cast<uint32_t>(N), k = static_cast<uint32_t>(K), cpr = static_cast<uint32_t>(ldo / 16),
+             t = static_cast<uint32_t>(total);
+  if (K % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 4 == 0)
+    ternary_to_fp8_kernel<true><<<blocks, kThreads, 0, s>>>(q, n, k, cpr, t, out, ldo);
+  else
+    ternary_to_fp8_kernel<false><<<blocks, kThreads, 0, s>>>(q, n, k, cpr, t, out, ldo);
+  check_launch("ternary_to_fp8");
+}
+
+void quantize_rows_fp8_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* out, int64_t ldo,
+                            float* scales, uintptr_t stream) {
+  check(dtype == F16 || dtype == BF16, "bitkernel: quantize_rows_fp8 takes float16 or bfloat16 activations");
+  check(ldo >= K && ldx >= 0, "bitkernel: quantize_rows_fp8 needs an output row stride >= K");
+  check(M <= 0x7fffffffLL, "bitkernel: M too large for one launch");
+  if (M == 0) return;
+  check(fp8_supported_cuda(),
+        "bitkernel: the FP8 kernels need a GPU of compute capability 8.9 or newer and a build that includes "
+        "such an architecture (BITKERNEL_CUDA_ARCHS with 89, 90 or later)");
+  const cudaStream_t s = as_stream(stream);
+  if (dtype == F16) launch_quantize_rows(static_cast<const __half*>(x), M, K, ldx, out, ldo, scales, s);
+  else launch_quantize_rows(static_cast<const __nv_bfloat16*>(x), M, K, ldx, out, ldo, scales, s);
+  check_launch("quantize_rows_fp8");
+}
+
+}  // namespace bitkernel
