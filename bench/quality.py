@@ -1,6 +1,6 @@
 """Quality of converted testbed models against the full-precision testbed model.
 
-    python bench/quality.py [--weights testbed/weights] [--methods absmean mse int8 int4] [--n 1200]
+    python bench/quality.py [--weights testbed/weights] [--methods int8 calibrated mse ...] [--n 1200]
                             [--files extra.safetensors ...] [--device cuda] [--out bench/results/quality.md]
 
 Each method converts the shipped full-precision testbed transformer with
@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,18 +29,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from report_table import emit  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 from converter import convert  # noqa: E402
+from converter.calibration.conditioning import overlapping_prompts, save_conditioning  # noqa: E402
+from converter.calibration.engine import CalibrationSettings  # noqa: E402
 from testbed.bitflux import load_bitflux_flux  # noqa: E402
+from testbed.calibration_data import testbed_conditioning  # noqa: E402
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
-from testbed.prompts import eval_items  # noqa: E402
+from testbed.prompts import eval_items, eval_prompts  # noqa: E402
 from testbed.scenes import CATEGORIES  # noqa: E402
 
-# method name -> converter arguments
+# method name -> converter arguments; "calibration" holds CalibrationSettings fields (the conditioning
+# file is made per run from the testbed's calibration split, which never overlaps the evaluation prompts)
 METHODS = {
-    "absmean": {"method": "absmean", "default_format": "ternary"},
-    "mse": {"method": "mse", "default_format": "ternary"},
     "int8": {"method": "mse", "default_format": "int8"},
     "int4": {"method": "mse", "default_format": "int4:64"},
+    "calibrated": {"method": "mse", "default_format": "ternary", "calibration": {}},
+    "calibrated r16": {"method": "mse", "default_format": "ternary", "calibration": {"lowrank": 16}},
+    "calibrated 2.5 bits": {"method": "mse", "default_format": "ternary", "calibration": {"budget": "2.5bits"}},
+    "calibrated a8": {"method": "mse", "default_format": "ternary+a8", "calibration": {}},
+    "gptq only": {"method": "mse", "default_format": "ternary", "calibration": {"distill_steps": 0}},
+    "distill only": {"method": "mse", "default_format": "ternary", "calibration": {"gptq": False}},
+    "mse": {"method": "mse", "default_format": "ternary"},
+    "absmean": {"method": "absmean", "default_format": "ternary"},
 }
 BOOTSTRAP = 1000
 
@@ -98,6 +109,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None, help="default: the training log's best guidance, or 3.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--calib-prompts", type=int, default=256, help="testbed calibration prompts for calibrated methods")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     args = ap.parse_args()
     if args.guidance is None:
@@ -114,13 +126,25 @@ def main() -> None:
     ref = rows[0][2]["images"]
     print(f"full precision: {rows[0][2]['overall'] * 100:.1f}%", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        todo = [(m, os.path.join(tmp, f"{m}.safetensors")) for m in args.methods] + [(f, f) for f in args.files]
+        cond = os.path.join(tmp, "calibration.safetensors")
+        conditioning = testbed_conditioning(args.calib_prompts, weights_dir=args.weights, device=args.device)
+        if overlapping_prompts(conditioning, eval_prompts(args.n, args.seed)):
+            raise SystemExit("calibration prompts overlap the evaluation prompts")
+        save_conditioning(cond, conditioning)
+        todo = [(m, os.path.join(tmp, f"{m.replace(' ', '_')}.safetensors")) for m in args.methods]
+        todo += [(f, f) for f in args.files]
         for name, path in todo:
+            seconds = 0.0
             if name in METHODS:
-                convert(fp_path, path, progress=False, device=args.device, **METHODS[name])
+                kw = dict(METHODS[name])
+                if "calibration" in kw:
+                    kw["calibration"] = CalibrationSettings(cond, **kw["calibration"])
+                t0 = time.monotonic()
+                convert(fp_path, path, progress=False, device=args.device, **kw)
+                seconds = time.monotonic() - t0
             model = load_bitflux_flux(path, args.device)
             rows.append((name, os.path.getsize(path), run(model, te, args, cats, gen, ref)))
-            print(f"{name}: {rows[-1][2]['overall'] * 100:.1f}%", flush=True)
+            print(f"{name}: {rows[-1][2]['overall'] * 100:.1f}% (conversion {seconds:.0f} s)", flush=True)
 
     head = (f"Testbed model ({args.weights}), {args.n} held-out prompts, {args.steps} steps, guidance "
             f"{args.guidance}, seed {args.seed}, device {args.device}. Accuracy in % with 95% bootstrap "

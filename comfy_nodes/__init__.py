@@ -9,6 +9,8 @@ Modules, fewest dependencies first:
 - `ops`: the packed Linear that ComfyUI builds its own Flux with;
 - `loader`: bitflux file -> comfy.model_base.Flux in a ModelPatcher, and the patcher callbacks;
 - `report`: the info node's text;
+- `calibration`: the calibration-prompts node's work (FLUX.1 text encoders -> the converter's
+  calibration conditioning file, converter/calibration/conditioning.py);
 - `common`, `nodes_v3` (comfy_api.latest), `nodes_v1` (classic mappings): the nodes.
 
 Nothing here imports ComfyUI at package import time.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Union
 
+from .calibration import default_prompt_text, write_calibration_file
 from .loader import load_bitflux
 from .names import COMPUTE_DTYPES
 from .report import model_report
@@ -21,6 +22,24 @@ INFO_DESCRIPTION = (
     "Shows what a MODEL holds: packed size as ComfyUI's memory manager counts it, formats per layer group, "
     "what is on the GPU, and how LoRAs are applied."
 )
+CALIBRATION_DESCRIPTION = (
+    "Encodes calibration prompts with FLUX.1's text encoders (T5-XXL + CLIP-L, exactly as CLIP Text Encode does) "
+    "and saves them as a conditioning file in the output folder, for the converter's calibration run (it has no "
+    "text encoders). Takes about 4 MiB per prompt."
+)
+CALIBRATION_TOOLTIPS = {
+    "clip": "FLUX.1's text encoders: DualCLIPLoader with clip_l and t5xxl, type flux.",
+    "prompts": (
+        "One prompt per line; blank lines and lines starting with # are skipped. Default: the shipped list "
+        "(converter/calibration/prompts.txt). Do not calibrate on prompts you evaluate with."
+    ),
+    "width": "Width of the images the converter samples trajectories at (a multiple of 16).",
+    "height": "Height of the images the converter samples trajectories at (a multiple of 16).",
+    "guidance": "Distilled guidance the converter samples with (FLUX.1-dev: 3.5, as in FluxGuidance).",
+    "filename_prefix": "File name in the output folder: <prefix>_00001.safetensors, the counter counting up.",
+}
+CALIBRATION_OUTPUT_TOOLTIP = "Full path of the conditioning file written."
+MAX_CALIBRATION_SIZE = 8192  # pixels per side; FLUX.1 is trained up to about 2 megapixels
 
 
 def diffusion_model_files() -> list[str]:
@@ -49,3 +68,14 @@ def load_model(unet_name: str, compute_dtype: str = "default"):
 
 def describe_model(model, per_layer: bool = False) -> str:
     return model_report(model, per_layer)
+
+
+def calibration_prompts_default() -> str:
+    return default_prompt_text()
+
+
+def calibration_file(
+    clip, prompts: str, width: int, height: int, guidance: float, filename_prefix: str
+) -> tuple[str, str]:
+    """(path of the conditioning file written, summary text for the node's UI)."""
+    return write_calibration_file(clip, prompts, width, height, guidance, filename_prefix)

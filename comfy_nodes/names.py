@@ -5,13 +5,17 @@ Kept free of imports so the workflow tests can check names without ComfyUI.
 
 LOADER_NODE = "BitfluxModelLoader"
 INFO_NODE = "BitfluxModelInfo"
+CALIBRATION_NODE = "BitfluxCalibrationPrompts"
 
 DISPLAY_NAMES = {
     LOADER_NODE: "Load 1.58-bit FLUX (bitflux)",
     INFO_NODE: "1.58-bit FLUX model info",
+    CALIBRATION_NODE: "BitFlux Calibration Prompts",
 }
 
 CATEGORY = "loaders/bitflux"
+CALIBRATION_CATEGORY = "conditioning/bitflux"  # it encodes text, like CLIPTextEncode (category "conditioning")
+CALIBRATION_PREFIX = "bitflux_calibration"  # default filename_prefix: output/bitflux_calibration_00001.safetensors
 
 # Choices of the loader's compute_dtype widget; "default" lets ComfyUI pick for the GPU.
 COMPUTE_DTYPES = ("default", "bf16", "fp16", "fp32")

@@ -5,15 +5,30 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io, ui
 
 from .common import (
+    CALIBRATION_DESCRIPTION,
+    CALIBRATION_OUTPUT_TOOLTIP,
+    CALIBRATION_TOOLTIPS,
     DTYPE_TOOLTIP,
     INFO_DESCRIPTION,
     LOADER_DESCRIPTION,
+    MAX_CALIBRATION_SIZE,
+    calibration_file,
+    calibration_prompts_default,
     check_choices,
     describe_model,
     diffusion_model_files,
     load_model,
 )
-from .names import CATEGORY, COMPUTE_DTYPES, DISPLAY_NAMES, INFO_NODE, LOADER_NODE
+from .names import (
+    CALIBRATION_CATEGORY,
+    CALIBRATION_NODE,
+    CALIBRATION_PREFIX,
+    CATEGORY,
+    COMPUTE_DTYPES,
+    DISPLAY_NAMES,
+    INFO_NODE,
+    LOADER_NODE,
+)
 
 
 class BitfluxModelLoader(io.ComfyNode):
@@ -63,9 +78,44 @@ class BitfluxModelInfo(io.ComfyNode):
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
+class BitfluxCalibrationPrompts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        tips = CALIBRATION_TOOLTIPS
+        size = {"default": 1024, "min": 16, "max": MAX_CALIBRATION_SIZE, "step": 16}
+        return io.Schema(
+            node_id=CALIBRATION_NODE,
+            display_name=DISPLAY_NAMES[CALIBRATION_NODE],
+            category=CALIBRATION_CATEGORY,
+            description=CALIBRATION_DESCRIPTION,
+            inputs=[
+                io.Clip.Input("clip", tooltip=tips["clip"]),
+                # dynamic_prompts off: the list is taken literally, {a|b} is not expanded by the frontend.
+                io.String.Input(
+                    "prompts", multiline=True, dynamic_prompts=False, default=calibration_prompts_default(),
+                    tooltip=tips["prompts"],
+                ),  # fmt: skip
+                io.Int.Input("width", **size, tooltip=tips["width"]),
+                io.Int.Input("height", **size, tooltip=tips["height"]),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, tooltip=tips["guidance"]),
+                io.String.Input("filename_prefix", default=CALIBRATION_PREFIX, tooltip=tips["filename_prefix"]),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip=CALIBRATION_OUTPUT_TOOLTIP)],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(
+        cls, clip, prompts: str, width: int = 1024, height: int = 1024, guidance: float = 3.5,
+        filename_prefix: str = CALIBRATION_PREFIX,
+    ) -> io.NodeOutput:
+        path, summary = calibration_file(clip, prompts, width, height, guidance, filename_prefix)
+        return io.NodeOutput(path, ui=ui.PreviewText(summary))
+
+
 class BitfluxExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [BitfluxModelLoader, BitfluxModelInfo]
+        return [BitfluxModelLoader, BitfluxModelInfo, BitfluxCalibrationPrompts]
 
 
 async def comfy_entrypoint() -> BitfluxExtension:

@@ -55,6 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the quantization math runs (default: cuda if available)",
     )
+    c = p.add_argument_group(
+        "calibration",
+        "fit the quantized model to the full-precision one on its own trajectories (docs/CALIBRATION.md)",
+    )
+    c.add_argument("--calibrate", action="store_true", help="calibrate (GPTQ, scale distillation, optional branch)")
+    c.add_argument(
+        "--calib-data",
+        metavar="FILE",
+        help="conditioning file of the calibration prompts (ComfyUI node 'BitFlux Calibration Prompts', or "
+        "`python -m testbed.calibration_data` for the testbed model)",
+    )
+    c.add_argument("--calib-prompts", type=int, default=0, metavar="N", help="use the first N prompts (default all)")
+    c.add_argument("--calib-steps", type=int, default=20, help="teacher sampling steps (default 20)")
+    c.add_argument("--calib-timesteps", type=int, default=4, help="samples kept per trajectory (default 4)")
+    c.add_argument("--no-gptq", action="store_true", help="plain rounding instead of GPTQ")
+    c.add_argument("--distill-steps", type=int, default=300, help="Adam steps per block on the scales (0: none)")
+    c.add_argument(
+        "--lowrank", type=int, default=0, metavar="R", help="bf16 low-rank branch of rank R on ternary layers"
+    )
+    c.add_argument(
+        "--budget",
+        help="mixed precision by sensitivity under this size of the block linears: e.g. 3.4GB or 2.5bits",
+    )
+    c.add_argument("--calib-gpu-memory", type=float, metavar="GB", help="GPU memory calibration may use (GiB)")
+    c.add_argument("--calib-dir", help="working folder (resumable; default OUTPUT.calib, removed after success)")
+    c.add_argument("--keep-calib-dir", action="store_true", help="keep the working folder after success")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the output size; write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,8 +97,36 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    calib_flags = (args.calib_data, args.budget, args.lowrank, args.calib_dir, args.no_gptq)
+    if not args.calibrate and any(calib_flags):
+        print("error: calibration options need --calibrate", file=sys.stderr)
+        return 2
+    if args.calibrate and not args.calib_data:
+        print(
+            "error: --calibrate needs --calib-data FILE: the calibration prompts encoded by the model's text "
+            "encoders. Make it with the ComfyUI node 'BitFlux Calibration Prompts' (FLUX.1-dev: DualCLIPLoader "
+            "with t5xxl + clip_l, type flux) or `python -m testbed.calibration_data` (the testbed model).",
+            file=sys.stderr,
+        )
+        return 2
     from .pipeline import convert  # torch and bitkernel load after argument errors are reported
 
+    calibration = None
+    if args.calibrate:
+        from .calibration.engine import CalibrationSettings
+
+        calibration = CalibrationSettings(
+            conditioning=args.calib_data,
+            prompts=args.calib_prompts,
+            steps=args.calib_steps,
+            timesteps=args.calib_timesteps,
+            gptq=not args.no_gptq,
+            distill_steps=args.distill_steps,
+            lowrank=args.lowrank,
+            budget=args.budget,
+            gpu_memory_gb=args.calib_gpu_memory,
+            state_dir=args.calib_dir,
+        )
     try:
         report = convert(
             args.checkpoint,
@@ -84,6 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             force=args.force,
             dry_run=args.dry_run,
             progress=not args.quiet,
+            calibration=calibration,
+            keep_calibration_dir=args.keep_calib_dir,
         )
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)

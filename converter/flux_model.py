@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -316,10 +316,12 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(p.hidden_size, p.in_channels, operations, **kw)
 
-    def forward(
+    def embed(
         self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
         guidance: Tensor | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Everything before the blocks: (img, txt, vec, pe). Split from forward so the
+        calibrating converter can run the blocks one at a time with the same math."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("Input img and txt tensors must have 3 dimensions.")
         img = self.img_in(img)
@@ -330,15 +332,26 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
-
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        return img, txt, vec, pe
+
+    def forward(
+        self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
+        img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
-        img = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            img = block(img, vec=vec, pe=pe)
-        img = img[:, txt.shape[1] :, ...]
+            img, txt = run_single(block, img, txt, vec, pe)
         return self.final_layer(img, vec)
+
+
+def run_single(block: SingleStreamBlock, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+    """A single-stream block on the (img, txt) pair the double blocks pass along: text
+    tokens first, as BFL concatenates them, split again after."""
+    x = block(torch.cat((txt, img), 1), vec=vec, pe=pe)
+    return x[:, txt.shape[1] :], x[:, : txt.shape[1]]
 
 
 def block_linear_names(model: Flux) -> list[str]:
@@ -388,3 +401,28 @@ def make_img_ids(batch: int, height: int, width: int, device: torch.device | str
 def make_txt_ids(batch: int, length: int, device: torch.device | str | None = None) -> Tensor:
     """Text position ids: all zero, as in FLUX (text order lives in the encoder)."""
     return torch.zeros(batch, length, 3, device=device)
+
+
+# ---------------------------------------------------------------- sampling schedule (BFL sampling.py)
+
+
+def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+
+def get_lin_function(
+    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
+) -> Callable[[float], float]:
+    m = (y2 - y1) / (x2 - x1)
+    b = y1 - m * x1
+    return lambda x: m * x + b
+
+
+def get_schedule(
+    num_steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, shift: bool = True
+) -> list[float]:
+    timesteps = torch.linspace(1, 0, num_steps + 1)
+    if shift:
+        mu = get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len)
+        timesteps = time_shift(mu, 1.0, timesteps)
+    return timesteps.tolist()

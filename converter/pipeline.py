@@ -11,6 +11,8 @@ failure, Ctrl-C included, the temporary file is removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fnmatch
 import os
 import re
 import shutil
@@ -26,14 +28,15 @@ import bitkernel.functional as F
 from bitkernel.formats import QuantizedWeight
 
 from .architecture import detect_architecture
+from .calibration.engine import CalibrationSettings, LayerResult, calibrate
 from .errors import ConversionError
 from .fileformat import LayerSpec
 from .hashing import BackgroundHasher
 from .methods import METHODS, quantize_weight
-from .plan import Plan, PlanItem, build_plan
+from .plan import Plan, PlanItem, build_plan, layer_shapes_of
 from .progress import Progress
 from .report import ConversionReport, LayerStat, peak_rss_bytes, sqnr_db
-from .rules import Rule, parse_format
+from .rules import Rule, assign_formats, parse_format
 from .safetensors_io import StreamingWriter
 from .sources import Source, open_source
 from .verify import verify_output
@@ -71,12 +74,18 @@ def convert(
     dry_run: bool = False,
     progress: bool = True,
     verify_layers: int = 4,
+    calibration: Optional[CalibrationSettings] = None,
+    keep_calibration_dir: bool = False,
 ) -> ConversionReport:
     """Converts a FLUX transformer checkpoint to a bitflux file; returns the report.
 
     `rules` are "PATTERN=FORMAT" strings (fnmatch on BFL layer names, last
-    match wins) applied over `default_format`. Raises ConversionError (with a
-    message for the user) and leaves no file behind on any failure.
+    match wins) applied over `default_format`. With `calibration` the layers are
+    fitted to the full-precision model first (converter/calibration/engine.py);
+    its working folder (default `<output>.calib`) lets an interrupted run resume
+    and is removed after success unless `keep_calibration_dir`. Raises
+    ConversionError (with a message for the user) and leaves no file behind on
+    any failure.
     """
     start = time.monotonic()
     if method not in METHODS:
@@ -89,7 +98,17 @@ def convert(
         _check_output(checkpoint, output, force)
     with open_source(checkpoint) as source:
         arch = detect_architecture(source.shapes())
-        plan = build_plan(source, arch, rule_list, default, method)
+        calibrated: dict[str, LayerResult] = {}
+        if calibration is not None and not dry_run:
+            calibration = dataclasses.replace(calibration, state_dir=calibration.state_dir or output + ".calib")
+            shapes = layer_shapes_of(arch)
+            specs = assign_formats(shapes, rule_list, default)
+            pinned = frozenset(k for k in shapes if any(fnmatch.fnmatchcase(k, r.pattern) for r in rule_list))
+            result = calibrate(source, arch, specs, method, calibration, dev, progress, pinned)
+            calibrated = result.layers
+            plan = build_plan(source, arch, rule_list, default, method, result.specs, result.record)
+        else:
+            plan = build_plan(source, arch, rule_list, default, method)
         report = ConversionReport(
             source=source.name,
             output=None if dry_run else output,
@@ -115,14 +134,17 @@ def convert(
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            _write(source, plan, tmp, dev, method, hasher, report, progress, verify_layers)
+            _write(source, plan, tmp, dev, method, hasher, report, progress, verify_layers, calibrated)
             _publish(tmp, output, force)
         except BaseException:
             hasher.cancel()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+    if calibration is not None and not keep_calibration_dir and calibration.state_dir:
+        shutil.rmtree(calibration.state_dir, ignore_errors=True)
     report.output_bytes = os.path.getsize(output)
+    report.calibration = plan.header.method.get("calibration")
     report.seconds = time.monotonic() - start
     report.peak_rss_bytes = peak_rss_bytes()
     if dev.type == "cuda":
@@ -140,6 +162,7 @@ def _write(
     report: ConversionReport,
     show_progress: bool,
     verify_layers: int,
+    calibrated: dict[str, LayerResult],
 ) -> None:
     layer_items = [i for i, item in enumerate(plan.items) if item.spec is not None]
     picks = {layer_items[round(j * (len(layer_items) - 1) / max(verify_layers - 1, 1))] for j in range(verify_layers)}
@@ -148,7 +171,7 @@ def _write(
     writer = StreamingWriter(tmp, plan.tensors, plan.metadata())
     try:
         for index, item in enumerate(plan.items):
-            qw = _write_item(source, item, writer, dev, method, report)
+            qw = _write_item(source, item, writer, dev, method, report, calibrated.get(item.name))
             if index in picks and qw is not None and item.spec is not None:
                 samples[item.name] = (item.spec, qw)
             bar.advance(item.source_bytes, item.name)
@@ -163,9 +186,11 @@ def _write(
 
 
 def _write_item(
-    source: Source, item: PlanItem, writer: StreamingWriter, dev: torch.device, method: str, report: ConversionReport
+    source: Source, item: PlanItem, writer: StreamingWriter, dev: torch.device, method: str, report: ConversionReport,
+    calibrated: Optional[LayerResult] = None,
 ) -> Optional[QuantizedWeight]:
-    """Reads, converts and writes one plan item; returns its QuantizedWeight (CPU) for a quantized layer."""
+    """Reads, converts (or takes the calibrated layer) and writes one plan item; returns its
+    QuantizedWeight (CPU) for a quantized layer."""
     spec = item.spec
     if spec is None:
         writer.write(item.name, source.load(item.source_keys[0]).to(torch.bfloat16))
@@ -175,8 +200,8 @@ def _write_item(
     qw: Optional[QuantizedWeight] = None
     if spec.quantized:
         wd = w.to(dev)
-        qw = quantize_weight(wd, spec, method)
-        report.layers.append(LayerStat(item.name, spec.label, n * k, sqnr_db(wd, F.dequantize(qw))))
+        qw = quantize_weight(wd, spec, method) if calibrated is None else calibrated[0]
+        report.layers.append(LayerStat(item.name, spec.label, n * k, sqnr_db(wd, F.dequantize(qw).to(wd.device))))
         del wd
         qw = QuantizedWeight(
             qw.fmt, qw.qweight.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu(), k, qw.group_size
@@ -192,6 +217,11 @@ def _write_item(
     del w
     if len(item.source_keys) > 1:
         writer.write(f"{item.name}.bias", source.load(item.source_keys[1]).to(torch.bfloat16))
+    if spec.lora_rank:
+        if calibrated is None or calibrated[1] is None:
+            raise ConversionError(f"{item.name}: a low-rank branch is planned but calibration produced none")
+        writer.write(f"{item.name}.lora_down", calibrated[1][0].to(torch.bfloat16))
+        writer.write(f"{item.name}.lora_up", calibrated[1][1].to(torch.bfloat16))
     return qw
 
 

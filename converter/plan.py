@@ -97,17 +97,27 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def layer_shapes_of(arch: Architecture) -> dict[str, tuple[int, int]]:
+    """Block linear name -> (out_features, in_features)."""
+    shapes = expected_shapes(arch)
+    return {name: (shapes[f"{name}.weight"][0], shapes[f"{name}.weight"][1]) for name in block_linears(arch)}
+
+
 def build_plan(
     source: Source,
     arch: Architecture,
     rules: list[Rule],
     default: LayerSpec,
     method: str,
+    specs: Optional[dict[str, LayerSpec]] = None,
+    calibration: Optional[dict] = None,
 ) -> Plan:
-    """Assigns formats and lists every output tensor in model order."""
+    """Assigns formats (or takes `specs`, e.g. a calibration's mixed-precision plan) and lists
+    every output tensor in model order."""
     shapes = expected_shapes(arch)
-    layer_shapes = {name: (shapes[f"{name}.weight"][0], shapes[f"{name}.weight"][1]) for name in block_linears(arch)}
-    specs = assign_formats(layer_shapes, rules, default)
+    layer_shapes = layer_shapes_of(arch)
+    if specs is None:
+        specs = assign_formats(layer_shapes, rules, default)
     items: list[PlanItem] = []
     done: set[str] = set()
     for key in shapes:
@@ -129,6 +139,7 @@ def build_plan(
         layers=specs,
         method={
             **method_settings(method),
+            "calibration": calibration,
             "default_format": default.label,
             "rules": [f"{r.pattern}={r.spec.label}" for r in rules],
         },

@@ -20,8 +20,12 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True, stream: Optional[TextIO] = None) -> None:
+    def __init__(
+        self, total: float, enabled: bool = True, stream: Optional[TextIO] = None, unit: str = "GB",
+        per_unit: float = 1e9,
+    ) -> None:
         self.total = max(total, 1)
+        self.unit, self.per_unit = unit, per_unit
         self.done = 0
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -30,7 +34,7 @@ class Progress:
         self._last_draw = 0.0
         self._last_decile = -1
 
-    def advance(self, n: int, note: str = "") -> None:
+    def advance(self, n: float, note: str = "") -> None:
         self.done = min(self.done + n, self.total)
         if not self.enabled:
             return
@@ -55,7 +59,8 @@ class Progress:
         width = 30
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
         line = (
-            f"[{bar}] {100 * frac:5.1f}%  {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB  "
+            f"[{bar}] {100 * frac:5.1f}%  {self.done / self.per_unit:.2f}/{self.total / self.per_unit:.2f} "
+            f"{self.unit}  "
             f"{_duration(elapsed)} elapsed, {_duration(eta)} left  {note}"
         )
         cols = shutil.get_terminal_size((120, 20)).columns

@@ -58,6 +58,7 @@ class ConversionReport:
     layers: list[LayerStat] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)
     plan: str = ""  # the plan's summary (printed by a dry run)
+    calibration: Optional[dict[str, Any]] = None  # the file's `calibration` record, when calibrated
 
     @property
     def ratio(self) -> float:
@@ -102,6 +103,15 @@ class ConversionReport:
                 "  worst layers: " + ", ".join(f"{s.name} ({s.format}) {s.sqnr_db:.2f} dB" for s in self.worst())
             )
         gpu = f", peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB" if self.peak_gpu_bytes else ""
+        if self.calibration:
+            c = self.calibration
+            errs = c["block_error"]
+            mean = lambda key: sum(e[key] for e in errs.values()) / max(len(errs), 1)  # noqa: E731
+            lines.append(
+                f"  calibration {c['samples']} samples from {c['conditioning']['prompts']} prompts, "
+                f"{c['seconds']:.0f} s; mean block error {mean('before'):.4f} after rounding, "
+                f"{mean('after'):.4f} after distillation"
+            )
         lines.append(
             f"  time {self.seconds:.1f} s on {self.device}, peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB{gpu}"
         )

@@ -9,13 +9,21 @@ forward signature, so quantized models plug in unchanged.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from converter.flux_model import LATENT_CHANNELS, latent_to_image, make_img_ids, make_txt_ids, pack, unpack
+from converter.flux_model import (  # noqa: F401  (get_lin_function: re-exported for train.py)
+    LATENT_CHANNELS,
+    get_lin_function,
+    get_schedule,
+    latent_to_image,
+    make_img_ids,
+    make_txt_ids,
+    pack,
+    unpack,
+)
 
 from .scenes import IMAGE_SIZE
 
@@ -23,28 +31,6 @@ LATENT_SIZE = IMAGE_SIZE // 2
 SEQ_LEN = (LATENT_SIZE // 2) ** 2  # image tokens: 256
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's default; the testbed distils guidance in the same way
-
-
-def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-
-def get_lin_function(
-    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
-) -> Callable[[float], float]:
-    m = (y2 - y1) / (x2 - x1)
-    b = y1 - m * x1
-    return lambda x: m * x + b
-
-
-def get_schedule(
-    num_steps: int, image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, shift: bool = True
-) -> list[float]:
-    timesteps = torch.linspace(1, 0, num_steps + 1)
-    if shift:
-        mu = get_lin_function(y1=base_shift, y2=max_shift)(image_seq_len)
-        timesteps = time_shift(mu, 1.0, timesteps)
-    return timesteps.tolist()
 
 
 def get_noise(seeds: list[int], device: torch.device | str = "cpu") -> Tensor:

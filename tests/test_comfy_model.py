@@ -229,7 +229,7 @@ def test_classic_node_api_matches(env):
     model = nodes_v1.BitfluxModelLoader().load("tiny.safetensors", "default")[0]
     res = nodes_v1.BitfluxModelInfo().describe(model)
     assert "ternary" in res["result"][0]
-    assert set(nodes_v1.NODE_CLASS_MAPPINGS) == {"BitfluxModelLoader", "BitfluxModelInfo"}
+    assert set(nodes_v1.NODE_CLASS_MAPPINGS) == {"BitfluxModelLoader", "BitfluxModelInfo", "BitfluxCalibrationPrompts"}
     assert "tiny.safetensors" in nodes_v1.BitfluxModelLoader.INPUT_TYPES()["required"]["unet_name"][0]
 
 

@@ -1,6 +1,7 @@
 """Writes the shipped workflows, each in both JSON forms, from one description.
 
     python workflows/build_workflows.py          # rewrite workflows/*.json and workflows/api/*.json
+                                                 # (and calibration/*.json, calibration/api/*.json)
 
 UI form (what users drag into ComfyUI): LiteGraph graph, version 0.4, with
 widget values in each node's widget order. API form (what `POST /prompt`
@@ -116,6 +117,11 @@ NODE_SPECS: dict[str, dict[str, Any]] = {
         "widgets": ["lora_name", "strength_model"],
         "outputs": [("MODEL", "MODEL")],
     },
+    names.CALIBRATION_NODE: {
+        "inputs": [("clip", "CLIP")],
+        "widgets": ["prompts", "width", "height", "guidance", "filename_prefix"],
+        "outputs": [("path", "STRING")],
+    },
 }
 UI_ONLY = {"Note"}  # frontend-only nodes: not part of the API form
 
@@ -124,6 +130,15 @@ PROMPT = (
     "shallow depth of field, photograph"
 )
 IMG2IMG_PROMPT = "the same scene as a watercolor painting, soft washes of color, paper texture"
+CALIBRATION_PROMPTS_FILE = os.path.join(os.path.dirname(HERE), "converter", "calibration", "prompts.txt")
+
+
+def shipped_calibration_prompts() -> str:
+    """The calibration node's default prompts text: prompts.txt without its blank and # lines, one per line
+    (the rules of converter.calibration.conditioning.parse_prompts, read here without importing torch)."""
+    with open(CALIBRATION_PROMPTS_FILE, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return "\n".join(line for line in lines if line and not line.startswith("#"))
 
 
 @dataclass
@@ -292,11 +307,48 @@ def image_to_image_8gb() -> list[Node]:
     ]
 
 
+def calibration_conditioning() -> list[Node]:
+    """FLUX.1's text encoders -> the converter's calibration conditioning file (no transformer, no sampling)."""
+    return [
+        _clip(1, names.T5_FP16_FILE),
+        Node(
+            2,
+            names.CALIBRATION_NODE,
+            (380, 0),
+            {
+                "prompts": shipped_calibration_prompts(),
+                "width": 1024,
+                "height": 1024,
+                "guidance": 3.5,
+                "filename_prefix": names.CALIBRATION_PREFIX,
+            },
+            {"clip": (1, 0)},
+            size=(560, 520),
+        ),
+        note(
+            3,
+            (0, 400),
+            "Makes the calibration conditioning file for the converter's --calibrate run: the converter has no "
+            "text encoders, so FLUX.1's T5-XXL and CLIP-L encode the calibration prompts here.\n"
+            f"Needs models/text_encoders/{names.CLIP_L_FILE} and models/text_encoders/{names.T5_FP16_FILE} "
+            f"({names.T5_FP8_FILE} works too).\n"
+            f"Writes output/{names.CALIBRATION_PREFIX}_00001.safetensors (about 4 MiB per prompt) and shows its path.\n"
+            "The prompts are the shipped list, one per line: edit them freely, but never use prompts you evaluate "
+            "the converted model with. width / height / guidance: what the converter samples its trajectories at.",
+        ),
+    ]
+
+
 WORKFLOWS = {
     "flux1-dev-1.58bit_text-to-image_8GB": text_to_image_8gb,
     "flux1-dev-1.58bit_text-to-image_16GB": text_to_image_16gb,
     "flux1-dev-1.58bit_image-to-image_8GB": image_to_image_8gb,
     "flux1-dev-1.58bit_text-to-image_LoRA_8GB": lambda: text_to_image_8gb(lora=True),
+}
+# Tool workflows that make no image, kept out of the image workflows' folder (whose tests run each one as an
+# image workflow): written to calibration/ and calibration/api/.
+CALIBRATION_WORKFLOWS = {
+    "flux1-dev_calibration-conditioning": calibration_conditioning,
 }
 
 
@@ -395,10 +447,11 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
 def build_all() -> dict[str, str]:
     """Relative path -> file text, for every shipped workflow file."""
     files = {}
-    for name, make in WORKFLOWS.items():
-        nodes = make()
-        files[f"{name}.json"] = json.dumps(to_ui(nodes), indent=2) + "\n"
-        files[f"api/{name}.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
+    for folder, workflows in (("", WORKFLOWS), ("calibration/", CALIBRATION_WORKFLOWS)):
+        for name, make in workflows.items():
+            nodes = make()
+            files[f"{folder}{name}.json"] = json.dumps(to_ui(nodes), indent=2) + "\n"
+            files[f"{folder}api/{name}.json"] = json.dumps(to_api(nodes), indent=2) + "\n"
     return files
 
 

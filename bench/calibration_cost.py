@@ -1,0 +1,139 @@
+"""What `--calibrate` costs on FLUX.1-dev: GPU memory and time per stage, under 24 and 16 GiB caps.
+
+    python bench/calibration_cost.py [--depth 2 --single 4] [--prompts 8] [--caps 24 16] [--out FILE]
+
+Memory and time do not depend on the weight values, so the model is FLUX.1-dev's
+full width (hidden 3072, 24 heads, T5 context 4096, CLIP vector 768, 1024x1024 =
+64x64 image tokens, 256 text tokens) with random weights; to fit a device
+session it has `--depth` double and `--single` single blocks instead of 19 and
+38. Every block of a kind costs the same, so the table extrapolates each stage to
+the full 19 + 38 blocks: teacher sampling scales with the number of blocks, the
+per-block stages with their count. Each cap runs the converter CLI in its own
+process with `--calib-gpu-memory` (the allocator cap), and the peak is torch's
+max_memory_reserved in that process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from convert_memory import RandomWeights  # noqa: E402
+from report_table import emit  # noqa: E402
+
+from converter.architecture import AXES_DIM, Architecture, expected_shapes  # noqa: E402
+from converter.calibration.conditioning import CalibrationConditioning, save_conditioning  # noqa: E402
+from converter.safetensors_io import PlannedTensor, StreamingWriter  # noqa: E402
+
+FULL_DOUBLE, FULL_SINGLE = 19, 38
+
+
+def write_checkpoint(path: str, arch: Architecture) -> None:
+    shapes = expected_shapes(arch)
+    weights = RandomWeights()
+    writer = StreamingWriter(path, [PlannedTensor(n, torch.bfloat16, s) for n, s in shapes.items()], {}, reserve=0)
+    try:
+        for name, shape in shapes.items():
+            writer.write(name, weights.get(name, shape))
+        writer.finish()
+    finally:
+        writer.close()
+
+
+def write_conditioning(path: str, prompts: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    save_conditioning(path, CalibrationConditioning(
+        txt=torch.randn(prompts, 256, 4096, generator=gen).to(torch.bfloat16),
+        vec=torch.randn(prompts, 768, generator=gen).to(torch.bfloat16),
+        prompts=[f"random prompt {i}" for i in range(prompts)], encoder="random (benchmark)",
+        image_tokens=(64, 64), guidance=3.5,
+    ))
+
+
+def run(src: str, cond: str, out: str, cap: float, args: argparse.Namespace) -> dict:
+    report = out + ".json"
+    code = (
+        "import sys, json, torch; sys.argv = sys.argv[1:]; from converter.cli import main; rc = main(); "
+        f"json.dump({{'rc': rc, 'peak_reserved': torch.cuda.max_memory_reserved()}}, open({report + '.mem'!r}, 'w'))"
+    )
+    cmd = [sys.executable, "-c", code, "convert.py", src, "-o", out, "--force", "--quiet", "--calibrate",
+           "--calib-data", cond, "--calib-steps", str(args.steps), "--calib-timesteps", str(args.timesteps),
+           "--distill-steps", str(args.distill_steps), "--calib-gpu-memory", str(cap), "--report-json", report]
+    if args.lowrank:
+        cmd += ["--lowrank", str(args.lowrank)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode:
+        return {"error": (proc.stderr or proc.stdout)[-2000:], "wall": wall}
+    with open(report) as f:
+        rep = json.load(f)
+    with open(report + ".mem") as f:
+        mem = json.load(f)
+    return {"report": rep, "peak_reserved": mem["peak_reserved"], "wall": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--timesteps", type=int, default=4)
+    ap.add_argument("--distill-steps", type=int, default=300)
+    ap.add_argument("--lowrank", type=int, default=0)
+    ap.add_argument("--caps", type=float, nargs="+", default=[24, 16])
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    arch = Architecture(64, 768, 4096, 3072, 4.0, 24, args.depth, args.single, AXES_DIM, 10_000, True, True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        src, cond = os.path.join(tmp, "flux.safetensors"), os.path.join(tmp, "cond.safetensors")
+        write_checkpoint(src, arch)
+        write_conditioning(cond, args.prompts)
+        for cap in args.caps:
+            r = run(src, cond, os.path.join(tmp, f"out{cap:g}.safetensors"), cap, args)
+            rows.append((cap, r))
+            print(cap, json.dumps({k: v for k, v in r.items() if k != "report"})[:2000], flush=True)
+    samples = args.prompts * args.timesteps
+    lines = [
+        f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | FLUX.1-dev width (hidden 3072), random "
+        f"weights, {args.depth} double + {args.single} single blocks measured, 1024x1024 (4096 image + 256 text "
+        f"tokens); {args.prompts} prompts x {args.timesteps} timesteps = {samples} samples, teacher "
+        f"{args.steps} steps, "
+        f"GPTQ, {args.distill_steps} distillation steps per block, low-rank {args.lowrank}. 'full' = extrapolated to "
+        f"{FULL_DOUBLE} + {FULL_SINGLE} blocks.\n",
+        "| GPU cap (GiB) | peak reserved (GiB) | teacher sampling s | per double block s | per single block s | "
+        "measured total s | full FLUX.1-dev est. min |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cap, r in rows:
+        if "error" in r:
+            lines.append(f"| {cap:g} | failed: {r['error'].splitlines()[-1][:200]} | | | | | |")
+            continue
+        cal = r["report"]["method"]["calibration"] if "method" in r["report"] else r["report"]["calibration"]
+        blocks = cal["block_seconds"]
+        dbl = [v for k, v in blocks.items() if k.startswith("double")]
+        sgl = [v for k, v in blocks.items() if k.startswith("single")]
+        d, s = sum(dbl) / len(dbl), sum(sgl) / len(sgl)
+        cap_s = cal["stage_seconds"].get("capture", 0.0)
+        full = cap_s * (FULL_DOUBLE + FULL_SINGLE) / (args.depth + args.single) + d * FULL_DOUBLE + s * FULL_SINGLE
+        lines.append(
+            f"| {cap:g} | {r['peak_reserved'] / 2**30:.2f} | {cap_s:.1f} | {d:.1f} | {s:.1f} | {cal['seconds']:.1f} | "
+            f"{full / 60:.1f} |"
+        )
+    emit("\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Calibrated conversion: fit the quantized FLUX to the full-precision FLUX, block by block.
+
+1. Teacher trajectories. The full-precision model samples its own images from
+   the calibration conditioning (Euler, FLUX's shifted schedule, distilled
+   guidance); at `timesteps` evenly spaced steps of each trajectory the inputs
+   of the first block (img, txt, vec) are kept. No image data is involved.
+2. Mixed precision (optional, `budget`): see sensitivity.py and mixed.py.
+3. For each block in order, with the teacher's block inputs X_t and the
+   quantized model's own inputs X_s (they drift apart as errors accumulate):
+   - targets Y_t = block_fp(X_t);
+   - Hessians of every linear's inputs from block_fp(X_s) (GPTQ's statistics);
+   - quantization: ternary by GPTQ (or the plain method), int4 / int8 by the
+     plain method, bf16 kept; an optional low-rank branch of rank r on ternary
+     layers from the activation-aware SVD of the residual W - Q;
+   - distillation: the per-row/group scales (in log space) and the low-rank
+     branch, by Adam on ||block_q(X_s) - Y_t||^2 / ||Y_t||^2; codes stay frozen;
+   - X_s <- block_q(X_s), X_t <- Y_t, and the block's layers go to the state
+     folder (an interrupt restarts at the next block).
+   Only one block's weights, its Hessians and the activations are on the GPU.
+
+Targets are the teacher's outputs on the teacher's inputs, so each block also
+learns to undo the error that reached its input, rather than to copy the
+teacher's response to corrupted input.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+import bitkernel.functional as BF
+from bitkernel.formats import QuantizedWeight
+
+from ..architecture import Architecture
+from ..errors import ConversionError
+from ..fileformat import LayerSpec
+from ..flux_model import get_schedule
+from ..methods import quantize_weight
+from ..progress import Progress
+from ..sources import Source
+from .acts import Acts, PositionCache, micro_batches
+from .conditioning import CalibrationConditioning, load_conditioning
+from .gptq import HessianAccumulator, gptq_ternary
+from .lowrank import svd_lowrank_init
+from .state import INPUTS_FILE, CalibrationState
+from .streamed import StreamedFlux, block_layers, block_names, run_block
+from .student import StudentLinear
+
+LayerResult = tuple[QuantizedWeight, Optional[tuple[Tensor, Tensor]]]
+
+
+@dataclass
+class CalibrationSettings:
+    """What --calibrate does; every field is recorded in the file's metadata."""
+
+    conditioning: str  # conditioning file (converter/calibration/conditioning.py)
+    prompts: int = 0  # use the first N prompts of the file (0: all)
+    steps: int = 20  # teacher sampling steps
+    timesteps: int = 4  # samples kept per trajectory, evenly spaced over the steps
+    seed: int = 0
+    gptq: bool = True
+    distill_steps: int = 300  # per block; 0 disables distillation
+    distill_batch: int = 0  # samples per distillation step (0: as many as fit micro_batch_tokens)
+    scale_lr: float = 2e-3
+    lowrank_lr: float = 3e-4
+    lowrank: int = 0  # rank of the bf16 branch on ternary layers
+    budget: Optional[str] = None  # mixed precision under this size (mixed.parse_budget)
+    candidates: tuple[str, ...] = ("ternary", "int4:64", "int8", "bf16")
+    content_weight: float = 1.0  # mixed precision: weight of the text-stream (content) error
+    micro_batch_tokens: int = 32768
+    gpu_memory_gb: Optional[float] = None  # cap what calibration may use (default: what the GPU has free)
+    state_dir: Optional[str] = None  # default: <output>.calib next to the output
+
+    def key(self, source: Source, cond_sha: str) -> dict[str, Any]:
+        """What makes a saved state reusable: same checkpoint, conditioning and settings."""
+        d = asdict(self)
+        d.pop("state_dir")
+        d.pop("gpu_memory_gb")  # where it runs, not what it computes
+        d["candidates"] = list(self.candidates)
+        d["conditioning"] = cond_sha
+        d["source"] = [source.name, source.total_bytes()]
+        return d
+
+
+@dataclass
+class CalibrationResult:
+    specs: dict[str, LayerSpec]
+    layers: dict[str, LayerResult]  # quantized layers only; bf16 layers are read from the source
+    record: dict[str, Any] = field(default_factory=dict)  # the `calibration` metadata entry
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def free_gpu_bytes(device: torch.device, cap_gb: Optional[float] = None) -> int:
+    if device.type != "cuda":
+        return 1 << 62
+    free, _ = torch.cuda.mem_get_info(device)
+    if cap_gb is not None:
+        free = min(free, int(cap_gb * 2**30) - torch.cuda.memory_reserved(device))
+    return max(free, 0)
+
+
+class Calibrator:
+    def __init__(
+        self, source: Source, arch: Architecture, specs: dict[str, LayerSpec], method: str,
+        settings: CalibrationSettings, device: torch.device, progress: bool, pinned: frozenset[str] = frozenset(),
+    ) -> None:
+        self.pinned = pinned  # layers a --rule names: mixed precision leaves them alone
+        self.source, self.arch, self.method, self.s, self.device = source, arch, method, settings, device
+        self.specs = dict(specs)
+        # bf16 on the GPU as FLUX runs; float32 on the CPU, where bf16 matmuls are slow and inexact
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.show_progress = progress
+        self.blocks = block_names(arch)
+        if not os.path.isfile(settings.conditioning):
+            raise ConversionError(
+                f"calibration conditioning file {settings.conditioning} not found. Make one with the ComfyUI node "
+                "'BitFlux Calibration Prompts' (FLUX.1-dev) or `python -m testbed.calibration_data` (testbed)."
+            )
+        self.cond = load_conditioning(settings.conditioning, arch.context_in_dim, arch.vec_in_dim)
+        if settings.prompts:
+            self.cond = self.cond.select(list(range(min(settings.prompts, len(self.cond)))))
+        self.state = CalibrationState(
+            settings.state_dir, settings.key(source, file_sha256(settings.conditioning))
+        )
+        if device.type == "cuda" and settings.gpu_memory_gb:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.gpu_memory_gb * 2**30 / total), device)
+        # blocks stay resident in up to half of the free memory, less 2 GiB for one block's working set
+        resident = max(0, self._free() // 2 - (2 << 30)) if device.type == "cuda" else 1 << 62
+        self.model = StreamedFlux(source, arch, device, self.dtype, resident)
+        h, w = self.cond.image_tokens
+        self.pos = PositionCache(self.model.model.pe_embedder, (h, w), device)
+        self.seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _batches(self, acts: Acts) -> list[list[int]]:
+        tokens = acts.img.shape[1] + int(acts.lens.max())
+        return micro_batches(acts.lens, tokens, self.s.micro_batch_tokens)
+
+    def _forward(self, block: nn.Module, acts: Acts, out: Optional[Acts] = None) -> Acts:
+        """block applied to every sample of acts, written to out (default: a copy)."""
+        out = out if out is not None else acts.clone_streams()
+        with torch.no_grad():
+            for idx in self._batches(acts):
+                img, txt, vec = acts.batch(idx, self.device, self.dtype)
+                img, txt = run_block(block, img, txt, vec, self.pos(len(idx), txt.shape[1]))
+                out.store(idx, img, txt)
+        return out
+
+    # ------------------------------------------------------------------ 1. teacher trajectories
+
+    def capture(self) -> Acts:
+        saved = self.state.load_tensors(INPUTS_FILE)
+        if saved is not None:
+            return Acts.from_tensors(saved)
+        t0 = time.monotonic()
+        cond, s = self.cond, self.s
+        h, w = cond.image_tokens
+        p, n_tok = len(cond), h * w
+        gen = torch.Generator().manual_seed(s.seed)
+        x = torch.randn(p, n_tok, self.arch.in_channels, generator=gen).to(self.device, torch.float32)
+        schedule = get_schedule(s.steps, n_tok)
+        keep = sorted({round(i * (s.steps - 1) / max(s.timesteps - 1, 1)) for i in range(s.timesteps)})
+        lens = cond.txt_len.long() if cond.txt_len is not None else torch.full((p,), cond.txt.shape[1])
+        d, lmax = self.arch.hidden_size, int(lens.max())
+        esize = torch.finfo(self.dtype).bits // 8
+        store = torch.device("cpu") if self._too_big(len(keep) * p * (n_tok + lmax) * d * esize) else self.device
+        kept = Acts(
+            torch.zeros(len(keep) * p, n_tok, d, device=store, dtype=self.dtype),
+            torch.zeros(len(keep) * p, lmax, d, device=store, dtype=self.dtype),
+            lens.repeat(len(keep)), torch.zeros(len(keep) * p, d, device=store),
+        )
+        bar = Progress(s.steps * len(self.blocks), self.show_progress, unit="block passes", per_unit=1)
+        guidance = torch.full((p,), cond.guidance, device=self.device)
+        cur = Acts(
+            torch.zeros(p, n_tok, d, device=self.device, dtype=self.dtype),
+            torch.zeros(p, lmax, d, device=self.device, dtype=self.dtype), lens, torch.zeros(p, d, device=self.device),
+        )
+        with torch.no_grad():
+            for step in range(s.steps):
+                t = torch.full((p,), schedule[step], device=self.device)
+                for idx in micro_batches(lens, n_tok + lmax, self.s.micro_batch_tokens):
+                    i, length = torch.tensor(idx), int(lens[idx[0]])
+                    txt_in = cond.txt[i, :length].to(self.device, self.dtype)
+                    img, txt, vec, _ = self.model.embed(
+                        x[i].to(self.dtype), self._img_ids(len(idx)), txt_in, self._txt_ids(len(idx), length),
+                        t[i].to(self.dtype), cond.vec[i].to(self.device, self.dtype), guidance[i].to(self.dtype),
+                    )
+                    cur.store(idx, img, txt)
+                    cur.vec[i] = vec.float()
+                if step in keep:
+                    k = keep.index(step)
+                    sl = slice(k * p, (k + 1) * p)
+                    kept.img[sl], kept.txt[sl], kept.vec[sl] = cur.img.to(store), cur.txt.to(store), cur.vec.to(store)
+                for name in self.blocks:
+                    self._forward(self.model.block(name), cur, cur)
+                    bar.advance(1, f"teacher step {step + 1}/{s.steps}")
+                for idx in micro_batches(lens, n_tok, self.s.micro_batch_tokens):
+                    i = torch.tensor(idx)
+                    v = self.model.head(cur.img[i].to(self.dtype), cur.vec[i].to(self.dtype))
+                    x[i] = x[i] + (schedule[step + 1] - schedule[step]) * v.float()
+        bar.close()
+        self.state.save_tensors(INPUTS_FILE, kept.tensors())
+        self.seconds["capture"] = time.monotonic() - t0
+        return kept
+
+    def _free(self) -> int:
+        return free_gpu_bytes(self.device, self.s.gpu_memory_gb)
+
+    def _too_big(self, nbytes: int) -> bool:
+        # two streams (teacher and student) plus the targets: keep them on the GPU only with room to spare
+        return self.device.type == "cuda" and 3 * nbytes > self._free() // 3
+
+    def _img_ids(self, b: int) -> Tensor:
+        from ..flux_model import make_img_ids
+
+        h, w = self.cond.image_tokens
+        return make_img_ids(b, 2 * h, 2 * w, self.device)
+
+    def _txt_ids(self, b: int, length: int) -> Tensor:
+        from ..flux_model import make_txt_ids
+
+        return make_txt_ids(b, length, self.device)
+
+    # ------------------------------------------------------------------ 3. block-wise fitting
+
+    def quantize_block(self, name: str, fp: nn.Module, xs: Acts) -> dict[str, LayerResult]:
+        """GPTQ / plain quantization of the block's linears, Hessians from the student's inputs."""
+        layers = [layer for layer in block_layers(name) if self.specs[layer].quantized]
+        need_h = self.s.gptq or self.s.lowrank
+        accs: dict[str, HessianAccumulator] = {}
+        hooks = []
+        if need_h:
+            for layer in layers:
+                mod = fp.get_submodule(layer[len(name) + 1 :])
+                acc = accs[layer] = HessianAccumulator(mod.in_features, self.device)
+                hooks.append(mod.register_forward_hook(lambda m, inp, out, acc=acc: acc.add(inp[0])))
+            try:
+                self._forward(fp, xs)
+            finally:
+                for hk in hooks:
+                    hk.remove()
+        out: dict[str, LayerResult] = {}
+        for layer in layers:
+            spec = self.specs[layer]
+            w = self.model.weight(layer)
+            hess = accs[layer].hessian if need_h else None
+            if spec.format == "ternary" and self.s.gptq:
+                qw = gptq_ternary(w, hess, group_size=spec.group_size)
+            else:
+                qw = quantize_weight(w, spec, self.method)
+            lora = None
+            if spec.lora_rank:
+                lora = svd_lowrank_init(w - BF.dequantize(qw), spec.lora_rank, hess)
+            out[layer] = (qw, lora)
+            del w, hess
+        return out
+
+    def student_block(self, name: str, fp: nn.Module, layers: dict[str, LayerResult]) -> nn.Module:
+        block = copy.deepcopy(fp)
+        for layer, (qw, lora) in layers.items():
+            path = layer[len(name) + 1 :]
+            parent, _, attr = path.rpartition(".")
+            old = block.get_submodule(path)
+            bias = None if old.bias is None else old.bias.detach().float()
+            qw = QuantizedWeight(
+                qw.fmt, qw.qweight.to(self.device), qw.scale.to(self.device),
+                None if qw.zero is None else qw.zero.to(self.device), qw.in_features, qw.group_size,
+            )
+            setattr(block.get_submodule(parent) if parent else block, attr, StudentLinear(qw, bias, lora))
+        return block
+
+    def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> dict[str, float]:
+        """Adam on the scales and branches; returns the relative block error before and after."""
+        params_s = [m.log_scale for m in student.modules() if isinstance(m, StudentLinear)]
+        params_l = [p for m in student.modules() if isinstance(m, StudentLinear) and m.down is not None
+                    for p in (m.down, m.up)]
+        before = self.block_error(student, xs, yt, last)
+        if not self.s.distill_steps or not params_s:
+            return {"before": before, "after": before}
+        groups = [{"params": params_s, "lr": self.s.scale_lr}]
+        if params_l:
+            groups.append({"params": params_l, "lr": self.s.lowrank_lr})
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / self.s.distill_steps))
+        )
+        batches = self._batches(xs)
+        if self.s.distill_batch:
+            batches = [b[j : j + self.s.distill_batch] for b in batches for j in range(0, len(b), self.s.distill_batch)]
+        gen = torch.Generator().manual_seed(self.s.seed)
+        student.requires_grad_(False)
+        for p in params_s + params_l:
+            p.requires_grad_(True)
+        for _ in range(self.s.distill_steps):
+            idx = batches[int(torch.randint(len(batches), (1,), generator=gen))]
+            loss = self._loss(student, idx, xs, yt, last)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        for p in params_s + params_l:
+            p.requires_grad_(False)
+        return {"before": before, "after": self.block_error(student, xs, yt, last)}
+
+    def _loss(self, block: nn.Module, idx: list[int], xs: Acts, yt: Acts, last: bool) -> Tensor:
+        img, txt, vec = xs.batch(idx, self.device, self.dtype)
+        ti, tt, _ = yt.batch(idx, self.device, torch.float32)
+        oi, ot = run_block(block, img, txt, vec, self.pos(len(idx), txt.shape[1]))
+        err = (oi.float() - ti).pow(2).sum()
+        ref = ti.pow(2).sum()
+        if not last:  # the last block's text tokens are discarded by the model
+            err = err + (ot.float() - tt).pow(2).sum()
+            ref = ref + tt.pow(2).sum()
+        return err / ref
+
+    def block_error(self, block: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
+        with torch.no_grad():
+            losses = [self._loss(block, idx, xs, yt, last).item() for idx in self._batches(xs)]
+        return sum(losses) / len(losses)
+
+    def run(self) -> CalibrationResult:
+        t_start = time.monotonic()
+        xt = self.capture()
+        if self.s.budget:
+            from .sensitivity import plan_formats
+
+            self.specs, plan = plan_formats(self, xt)
+        else:
+            plan = None
+        if self.s.lowrank:
+            self.specs = {
+                k: LayerSpec(v.format, v.group_size, v.symmetric, v.act, self.s.lowrank) if v.format == "ternary" else v
+                for k, v in self.specs.items()
+            }
+        xs = xt.clone_streams()
+        results: dict[str, LayerResult] = {}
+        errors: dict[str, dict[str, float]] = self.state.data.setdefault("errors", {})
+        bar = Progress(len(self.blocks), self.show_progress, unit="blocks", per_unit=1)
+        for i, name in enumerate(self.blocks):
+            t0 = time.monotonic()
+            fp = self.model.block(name)
+            yt = self._forward(fp, xt)
+            if name in self.state.done:
+                layers = self._load_block(name)
+            else:
+                layers = self.quantize_block(name, fp, xs)
+            student = self.student_block(name, fp, layers)
+            if name not in self.state.done:
+                errors[name] = self.distill(name, student, xs, yt, last=i == len(self.blocks) - 1)
+                layers = {k: m.export() for k, m in self._students(name, student).items()}
+                self.state.finish_block(name, _block_tensors(layers), time.monotonic() - t0)
+            results.update(layers)
+            self._forward(student, xs, xs)
+            xt = yt
+            del fp, student
+            e = errors.get(name, {})
+            bar.advance(1, f"{name}: error {e.get('before', float('nan')):.4f} -> {e.get('after', float('nan')):.4f}")
+        bar.close()
+        self.state.save()
+        record = {
+            "settings": {**asdict(self.s), "candidates": list(self.s.candidates), "state_dir": None},
+            "conditioning": {
+                "file": os.path.basename(self.s.conditioning), "sha256": self.state.key["conditioning"],
+                "prompts": len(self.cond), "encoder": self.cond.encoder,
+                "image_tokens": list(self.cond.image_tokens), "guidance": self.cond.guidance,
+            },
+            "samples": len(xt),
+            "block_error": errors,
+            "seconds": round(time.monotonic() - t_start, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in self.seconds.items()},
+            "block_seconds": self.state.data["seconds"],
+            "mixed_precision": plan,
+        }
+        return CalibrationResult(self.specs, results, record)
+
+    def _students(self, name: str, block: nn.Module) -> dict[str, StudentLinear]:
+        return {
+            f"{name}.{path}": m for path, m in block.named_modules() if isinstance(m, StudentLinear)
+        }
+
+    def _load_block(self, name: str) -> dict[str, LayerResult]:
+        t = self.state.load_tensors(f"{name}.safetensors")
+        if t is None:
+            raise ConversionError(f"calibration folder {self.state.folder} lost {name}.safetensors; delete the folder")
+        out: dict[str, LayerResult] = {}
+        for layer in block_layers(name):
+            spec = self.specs[layer]
+            if not spec.quantized:
+                continue
+            k = self.source.shapes()[f"{layer}.weight"][1]
+            qw = QuantizedWeight(spec.format, t[f"{layer}.qweight"], t[f"{layer}.scale"], t.get(f"{layer}.zero"), k,
+                                 spec.group_size)
+            lora = (t[f"{layer}.lora_down"], t[f"{layer}.lora_up"]) if f"{layer}.lora_down" in t else None
+            out[layer] = (qw, lora)
+        return out
+
+
+def _block_tensors(layers: dict[str, LayerResult]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for layer, (qw, lora) in layers.items():
+        out[f"{layer}.qweight"], out[f"{layer}.scale"] = qw.qweight, qw.scale
+        if qw.zero is not None:
+            out[f"{layer}.zero"] = qw.zero
+        if lora is not None:
+            out[f"{layer}.lora_down"], out[f"{layer}.lora_up"] = lora
+    return out
+
+
+def calibrate(
+    source: Source, arch: Architecture, specs: dict[str, LayerSpec], method: str, settings: CalibrationSettings,
+    device: torch.device, progress: bool = True, pinned: frozenset[str] = frozenset(),
+) -> CalibrationResult:
+    """Runs (or resumes) the calibration; the layers it returns replace plain quantization."""
+    cal = Calibrator(source, arch, specs, method, settings, device, progress, pinned)
+    return cal.run()
+
+
+__all__ = ["CalibrationConditioning", "CalibrationResult", "CalibrationSettings", "calibrate"]

@@ -1,0 +1,92 @@
+"""The calibration's working folder, so an interrupted run restarts where it stopped.
+
+    state.json              the settings key, blocks finished, the format plan, timings
+    inputs.safetensors      the captured block-0 inputs (teacher trajectories are the slowest part to redo)
+    sensitivity.json        per-layer sensitivities (mixed precision), once measured
+    <block>.safetensors     one finished block's layers: qweight, scale, zero, lora_down, lora_up
+
+Every file is written under a temporary name and renamed, so a kill leaves
+either the old or the new file. A folder made with other settings (another
+checkpoint, conditioning file or option) is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConversionError
+
+STATE_FILE = "state.json"
+INPUTS_FILE = "inputs.safetensors"
+SENSITIVITY_FILE = "sensitivity.json"
+
+
+def _atomic(path: str, write: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class CalibrationState:
+    def __init__(self, folder: str, key: dict[str, Any]) -> None:
+        self.folder, self.key = folder, key
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, STATE_FILE)
+        self.data: dict[str, Any] = {"key": key, "done": [], "seconds": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("key") != key:
+                raise ConversionError(
+                    f"the calibration folder {folder} holds a run with other settings (checkpoint, conditioning "
+                    "or options); delete it or choose another with --calib-dir."
+                )
+            self.data = old
+
+    @property
+    def done(self) -> list[str]:
+        return list(self.data["done"])
+
+    def save(self) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(self.data, f, indent=1)
+
+        _atomic(os.path.join(self.folder, STATE_FILE), write)
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        _atomic(os.path.join(self.folder, name), lambda tmp: save_file(cpu, tmp))
+
+    def load_tensors(self, name: str) -> Optional[dict[str, torch.Tensor]]:
+        path = os.path.join(self.folder, name)
+        return load_file(path) if os.path.exists(path) else None
+
+    def save_json(self, name: str, obj: Any) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(obj, f)
+
+        _atomic(os.path.join(self.folder, name), write)
+
+    def load_json(self, name: str) -> Any:
+        path = os.path.join(self.folder, name)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def finish_block(self, block: str, tensors: dict[str, torch.Tensor], seconds: float) -> None:
+        self.save_tensors(f"{block}.safetensors", tensors)
+        self.data["done"].append(block)
+        self.data["seconds"][block] = round(seconds, 2)
+        self.save()
