@@ -71,6 +71,8 @@ def run(src: str, cond: str, out: str, cap: float, args: argparse.Namespace) -> 
            "--distill-steps", str(args.distill_steps), "--calib-gpu-memory", str(cap), "--report-json", report]
     if args.lowrank:
         cmd += ["--lowrank", str(args.lowrank)]
+    if args.learn_codes:
+        cmd += ["--learn-codes"]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.monotonic() - t0
@@ -92,6 +94,7 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--lowrank", type=int, default=0)
+    ap.add_argument("--learn-codes", action="store_true")
     ap.add_argument("--caps", type=float, nargs="+", default=[24, 16])
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -111,7 +114,8 @@ def main() -> None:
         f"weights, {args.depth} double + {args.single} single blocks measured, 1024x1024 (4096 image + 256 text "
         f"tokens); {args.prompts} prompts x {args.timesteps} timesteps = {samples} samples, teacher "
         f"{args.steps} steps, "
-        f"GPTQ, {args.distill_steps} distillation steps per block, low-rank {args.lowrank}. 'full' = extrapolated to "
+        f"GPTQ, {args.distill_steps} distillation steps per block (codes learned: {args.learn_codes}), low-rank "
+        f"{args.lowrank}. 'full' = extrapolated to "
         f"{FULL_DOUBLE} + {FULL_SINGLE} blocks.\n",
         "| GPU cap (GiB) | peak reserved (GiB) | teacher sampling s | per double block s | per single block s | "
         "measured total s | full FLUX.1-dev est. min |",
@@ -121,7 +125,7 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| {cap:g} | failed: {r['error'].splitlines()[-1][:200]} | | | | | |")
             continue
-        cal = r["report"]["method"]["calibration"] if "method" in r["report"] else r["report"]["calibration"]
+        cal = r["report"]["calibration"]
         blocks = cal["block_seconds"]
         dbl = [v for k, v in blocks.items() if k.startswith("double")]
         sgl = [v for k, v in blocks.items() if k.startswith("single")]

@@ -40,16 +40,20 @@ from testbed.scenes import CATEGORIES  # noqa: E402
 
 # method name -> converter arguments; "calibration" holds CalibrationSettings fields (the conditioning
 # file is made per run from the testbed's calibration split, which never overlaps the evaluation prompts)
+T = {"method": "mse", "default_format": "ternary"}
 METHODS = {
     "int8": {"method": "mse", "default_format": "int8"},
     "int4": {"method": "mse", "default_format": "int4:64"},
-    "calibrated": {"method": "mse", "default_format": "ternary", "calibration": {}},
-    "calibrated r16": {"method": "mse", "default_format": "ternary", "calibration": {"lowrank": 16}},
-    "calibrated 2.5 bits": {"method": "mse", "default_format": "ternary", "calibration": {"budget": "2.5bits"}},
-    "calibrated a8": {"method": "mse", "default_format": "ternary+a8", "calibration": {}},
-    "gptq only": {"method": "mse", "default_format": "ternary", "calibration": {"distill_steps": 0}},
-    "distill only": {"method": "mse", "default_format": "ternary", "calibration": {"gptq": False}},
-    "mse": {"method": "mse", "default_format": "ternary"},
+    "gptq+scales+codes": {**T, "calibration": {"learn_codes": True}},
+    "gptq+scales+codes r4": {**T, "calibration": {"learn_codes": True, "lowrank": 4}},
+    "gptq+scales+codes r16": {**T, "calibration": {"learn_codes": True, "lowrank": 16}},
+    "gptq+scales+codes 2.5 bits": {**T, "calibration": {"learn_codes": True, "budget": "2.5bits"}},
+    "gptq+scales+codes a8": {**T, "default_format": "ternary+a8", "calibration": {"learn_codes": True}},
+    "gptq+scales": {**T, "calibration": {}},
+    "gptq+scales r16": {**T, "calibration": {"lowrank": 16}},
+    "gptq only": {**T, "calibration": {"distill_steps": 0}},
+    "scales only": {**T, "calibration": {"gptq": False}},
+    "mse": T,
     "absmean": {"method": "absmean", "default_format": "ternary"},
 }
 BOOTSTRAP = 1000

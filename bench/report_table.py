@@ -1,12 +1,30 @@
-"""The benchmarks' shared ending: print the Markdown table, and save it when asked."""
+"""The benchmarks' shared ending: print the Markdown table, and save it (with the command that made it) when asked."""
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
+
+
+def command_line() -> str:
+    """`python3 bench/NAME.py ARGS`, without the --out argument (where the table went is not how it was made)."""
+    args, out = sys.argv[1:], []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        if not a.startswith("--out="):
+            out.append(a)
+    return " ".join(["python3", f"bench/{os.path.basename(sys.argv[0])}", *out])
 
 
 def emit(table: str, path: Optional[str]) -> None:
     print("\n" + table)
     if path:
         with open(path, "w") as f:
-            f.write(table)
+            f.write(f"Command: `{command_line()}`\n\n{table}")

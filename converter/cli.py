@@ -66,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="conditioning file of the calibration prompts (ComfyUI node 'BitFlux Calibration Prompts', or "
         "`python -m testbed.calibration_data` for the testbed model)",
     )
-    c.add_argument("--calib-prompts", type=int, default=0, metavar="N", help="use the first N prompts (default all)")
-    c.add_argument("--calib-steps", type=int, default=20, help="teacher sampling steps (default 20)")
-    c.add_argument("--calib-timesteps", type=int, default=4, help="samples kept per trajectory (default 4)")
+    c.add_argument("--calib-prompts", type=int, metavar="N", help="use the first N prompts (default all)")
+    c.add_argument("--calib-steps", type=int, help="teacher sampling steps (default 20)")
+    c.add_argument("--calib-timesteps", type=int, help="samples kept per trajectory (default 4)")
     c.add_argument("--no-gptq", action="store_true", help="plain rounding instead of GPTQ")
-    c.add_argument("--distill-steps", type=int, default=300, help="Adam steps per block on the scales (0: none)")
+    c.add_argument("--distill-steps", type=int, help="Adam steps per block on the scales (default 300; 0: none)")
+    c.add_argument("--learn-codes", action="store_true", help="distil the ternary codes too, not only the scales")
     c.add_argument(
         "--lowrank", type=int, default=0, metavar="R", help="bf16 low-rank branch of rank R on ternary layers"
     )
@@ -97,8 +98,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    calib_flags = (args.calib_data, args.budget, args.lowrank, args.calib_dir, args.no_gptq)
-    if not args.calibrate and any(calib_flags):
+    tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory)
+    calib_flags = (args.calib_data, args.budget, args.lowrank, args.calib_dir, args.no_gptq, args.learn_codes,
+                   args.keep_calib_dir)
+    if not args.calibrate and (any(calib_flags) or any(v is not None for v in tuning)):
         print("error: calibration options need --calibrate", file=sys.stderr)
         return 2
     if args.calibrate and not args.calib_data:
@@ -115,13 +118,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.calibrate:
         from .calibration.engine import CalibrationSettings
 
+        given = {
+            "prompts": args.calib_prompts,
+            "steps": args.calib_steps,
+            "timesteps": args.calib_timesteps,
+            "distill_steps": args.distill_steps,
+        }
         calibration = CalibrationSettings(
             conditioning=args.calib_data,
-            prompts=args.calib_prompts,
-            steps=args.calib_steps,
-            timesteps=args.calib_timesteps,
+            **{k: v for k, v in given.items() if v is not None},
             gptq=not args.no_gptq,
-            distill_steps=args.distill_steps,
+            learn_codes=args.learn_codes,
             lowrank=args.lowrank,
             budget=args.budget,
             gpu_memory_gb=args.calib_gpu_memory,

@@ -29,6 +29,7 @@ from bitkernel.formats import QuantizedWeight
 
 from .architecture import detect_architecture
 from .calibration.engine import CalibrationSettings, LayerResult, calibrate
+from .calibration.state import remove_state
 from .errors import ConversionError
 from .fileformat import LayerSpec
 from .hashing import BackgroundHasher
@@ -142,7 +143,7 @@ def convert(
                 os.unlink(tmp)
             raise
     if calibration is not None and not keep_calibration_dir and calibration.state_dir:
-        shutil.rmtree(calibration.state_dir, ignore_errors=True)
+        remove_state(calibration.state_dir)
     report.output_bytes = os.path.getsize(output)
     report.calibration = plan.header.method.get("calibration")
     report.seconds = time.monotonic() - start

@@ -68,6 +68,8 @@ class CalibrationSettings:
     seed: int = 0
     gptq: bool = True
     distill_steps: int = 300  # per block; 0 disables distillation
+    learn_codes: bool = False  # distil the ternary codes too (straight-through), not only the scales
+    code_lr: float = 5e-3  # per step, in units of the layer's scale
     distill_batch: int = 0  # samples per distillation step (0: as many as fit micro_batch_tokens)
     scale_lr: float = 2e-3
     lowrank_lr: float = 3e-4
@@ -86,7 +88,9 @@ class CalibrationSettings:
         d.pop("gpu_memory_gb")  # where it runs, not what it computes
         d["candidates"] = list(self.candidates)
         d["conditioning"] = cond_sha
-        d["source"] = [source.name, source.total_bytes()]
+        # the checkpoint's files by absolute path, size and modification time: another file of the same name
+        # (or a rewritten one) must not pick up this run's layers
+        d["source"] = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source.files]
         return d
 
 
@@ -139,7 +143,8 @@ class Calibrator:
         )
         if device.type == "cuda" and settings.gpu_memory_gb:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.gpu_memory_gb * 2**30 / total), device)
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, settings.gpu_memory_gb * 2**30 / total), index)
         # blocks stay resident in up to half of the free memory, less 2 GiB for one block's working set
         resident = max(0, self._free() // 2 - (2 << 30)) if device.type == "cuda" else 1 << 62
         self.model = StreamedFlux(source, arch, device, self.dtype, resident)
@@ -283,7 +288,8 @@ class Calibrator:
                 qw.fmt, qw.qweight.to(self.device), qw.scale.to(self.device),
                 None if qw.zero is None else qw.zero.to(self.device), qw.in_features, qw.group_size,
             )
-            setattr(block.get_submodule(parent) if parent else block, attr, StudentLinear(qw, bias, lora))
+            latent = self.model.weight(layer) if self.s.learn_codes and qw.fmt == "ternary" else None
+            setattr(block.get_submodule(parent) if parent else block, attr, StudentLinear(qw, bias, lora, latent))
         return block
 
     def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> dict[str, float]:
@@ -291,12 +297,15 @@ class Calibrator:
         params_s = [m.log_scale for m in student.modules() if isinstance(m, StudentLinear)]
         params_l = [p for m in student.modules() if isinstance(m, StudentLinear) and m.down is not None
                     for p in (m.down, m.up)]
+        params_u = [m.u for m in student.modules() if isinstance(m, StudentLinear) and m.u is not None]
         before = self.block_error(student, xs, yt, last)
         if not self.s.distill_steps or not params_s:
             return {"before": before, "after": before}
         groups = [{"params": params_s, "lr": self.s.scale_lr}]
         if params_l:
             groups.append({"params": params_l, "lr": self.s.lowrank_lr})
+        if params_u:
+            groups.append({"params": params_u, "lr": self.s.code_lr})
         opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / self.s.distill_steps))
@@ -306,7 +315,7 @@ class Calibrator:
             batches = [b[j : j + self.s.distill_batch] for b in batches for j in range(0, len(b), self.s.distill_batch)]
         gen = torch.Generator().manual_seed(self.s.seed)
         student.requires_grad_(False)
-        for p in params_s + params_l:
+        for p in params_s + params_l + params_u:
             p.requires_grad_(True)
         for _ in range(self.s.distill_steps):
             idx = batches[int(torch.randint(len(batches), (1,), generator=gen))]
@@ -315,7 +324,10 @@ class Calibrator:
             loss.backward()
             opt.step()
             sched.step()
-        for p in params_s + params_l:
+            with torch.no_grad():
+                for u in params_u:  # beyond +-1.5 a latent only stores momentum that no longer changes a code
+                    u.clamp_(-1.5, 1.5)
+        for p in params_s + params_l + params_u:
             p.requires_grad_(False)
         return {"before": before, "after": self.block_error(student, xs, yt, last)}
 

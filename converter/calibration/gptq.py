@@ -106,7 +106,7 @@ def factor_hessian(h: torch.Tensor, inverse_upper: bool = False, tries: int = 8)
     raise ValueError("the Hessian is not positive definite even after extra damping (are its entries finite?)")
 
 
-def _pack(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> QuantizedWeight:
+def pack_ternary(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> QuantizedWeight:
     """Packs given codes with bitkernel's own rule: w = code * s gives w / s = code exactly (IEEE)."""
     n, k = codes.shape
     w = codes * scale.repeat_interleave(group_size or k, dim=1)
@@ -207,4 +207,4 @@ def gptq_ternary(
         w_dead0 = w.clone()
         w_dead0[:, dead] = 0
         scale = _refit(w_dead0, h, codes, scale, group_size)
-    return _pack(codes, scale, group_size)
+    return pack_ternary(codes, scale, group_size)

@@ -20,6 +20,7 @@ one format per layer under the budget. Layers a --rule names keep their format.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp_min(1e-30))
 
 
+def _with_act(spec: LayerSpec, act: str) -> LayerSpec:
+    """Keeps the layer's requested int8 activations where the chosen format can run them."""
+    if act == "a8" and spec.format in ("ternary", "int8") and not spec.group_size:
+        return dataclasses.replace(spec, act="a8")
+    return spec
+
+
 def plan_formats(cal: Calibrator, xt: Acts) -> tuple[dict[str, LayerSpec], dict[str, Any]]:
     """New per-layer specs under cal.s.budget and the plan's metadata record."""
     sens = measure(cal, xt)
@@ -100,6 +108,8 @@ def plan_formats(cal: Calibrator, xt: Acts) -> tuple[dict[str, LayerSpec], dict[
         total_params += n * k
         bias = f"{layer}.bias" in shapes
         if layer in cal.pinned:
+            if spec.format == "ternary" and cal.s.lowrank:  # run() gives every ternary layer the branch
+                spec = dataclasses.replace(spec, lora_rank=cal.s.lowrank)
             layers[layer] = {spec.label: (candidate_bytes(spec, n, k, bias), 0.0)}
             continue
         cands = {}
@@ -114,7 +124,7 @@ def plan_formats(cal: Calibrator, xt: Acts) -> tuple[dict[str, LayerSpec], dict[
     assignment = solve_assignment(layers, budget)
     if cal.show_progress:
         print(format_plan(assignment, layers, total_params), flush=True)
-    specs = {layer: cal.specs[layer] if layer in cal.pinned else parse_format(label)
+    specs = {layer: cal.specs[layer] if layer in cal.pinned else _with_act(parse_format(label), cal.specs[layer].act)
              for layer, label in assignment.items()}
     record = plan_metadata(assignment, layers, budget, total_params)
     record["content_weight"] = cal.s.content_weight

@@ -36,6 +36,21 @@ def _atomic(path: str, write: Any) -> None:
             os.unlink(tmp)
 
 
+def remove_state(folder: str) -> None:
+    """Deletes the files a calibration wrote in `folder` (nothing else), then the folder if it is empty."""
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        done = json.load(f).get("done", [])
+    for name in [INPUTS_FILE, SENSITIVITY_FILE, *(f"{b}.safetensors" for b in done), STATE_FILE]:
+        p = os.path.join(folder, name)
+        if os.path.exists(p):
+            os.unlink(p)
+    if not os.listdir(folder):
+        os.rmdir(folder)
+
+
 class CalibrationState:
     def __init__(self, folder: str, key: dict[str, Any]) -> None:
         self.folder, self.key = folder, key

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 import bitkernel.functional as BF
 from bitkernel.formats import QuantizedWeight
 
+from .gptq import pack_ternary
+
 
 def integer_codes(qw: QuantizedWeight) -> Tensor:
     """The codes c of W = c * s as int8 [N, K] (exact: every value is an integer times its scale)."""
@@ -34,12 +36,21 @@ def _expand(scale: Tensor, group_size: int, k: int) -> Tensor:
 class StudentLinear(nn.Module):
     """y = x @ (c * s).T + b (+ (x @ down.T) @ up.T), with log-scales and the branch trainable."""
 
-    def __init__(self, qw: QuantizedWeight, bias: Optional[Tensor], lora: Optional[tuple[Tensor, Tensor]] = None):
+    def __init__(
+        self, qw: QuantizedWeight, bias: Optional[Tensor], lora: Optional[tuple[Tensor, Tensor]] = None,
+        latent: Optional[Tensor] = None,
+    ):
+        """`latent`: the full-precision weight of a ternary layer, to learn the codes too (see codes_param)."""
         super().__init__()
         self.qw = qw
         self.register_buffer("codes", integer_codes(qw))
         self.register_buffer("scale0", qw.scale.to(self.codes.device, torch.float32))
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
+        self.u = None
+        if latent is not None:
+            if qw.fmt != "ternary":
+                raise ValueError("only ternary codes are learned")
+            self.u = nn.Parameter(self._latent_init(latent.to(self.codes.device, torch.float32)))
         self.register_buffer("bias", None if bias is None else bias.to(self.codes.device, torch.float32))
         self.down = self.up = None
         if lora is not None:
@@ -53,8 +64,25 @@ class StudentLinear(nn.Module):
     def scale(self) -> Tensor:
         return self.scale0 * torch.exp(self.log_scale)
 
+    def _latent_init(self, w: Tensor) -> Tensor:
+        """Learned ternary codes are round(u), u in units of the initial scale, trained through a
+        straight-through estimator. u starts at the full-precision weight clamped into the bin of
+        the code it already has (GPTQ's), so training starts from GPTQ's rounding while keeping
+        how close each weight sits to a flip."""
+        s = _expand(self.scale0, self.qw.group_size, self.in_features)
+        c = self.codes.float()
+        u = torch.where(s > 0, w / torch.where(s > 0, s, 1), c)
+        return torch.minimum(torch.maximum(u, c - 0.49), c + 0.49)
+
+    def current_codes(self) -> Tensor:
+        return self.codes if self.u is None else torch.clamp(torch.round(self.u.detach()), -1, 1).to(torch.int8)
+
     def weight(self, dtype: torch.dtype) -> Tensor:
-        return self.codes.to(dtype) * _expand(self.scale(), self.qw.group_size, self.in_features).to(dtype)
+        if self.u is None:
+            c = self.codes.to(dtype)
+        else:  # straight-through: the forward uses the rounded codes, the gradient flows to u
+            c = (self.u + (torch.clamp(torch.round(self.u), -1, 1) - self.u).detach()).to(dtype)
+        return c * _expand(self.scale(), self.qw.group_size, self.in_features).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype  # the block's compute dtype; the trained parameters stay float32
@@ -68,9 +96,15 @@ class StudentLinear(nn.Module):
         """The trained layer in the canonical format (CPU tensors), the branch in bf16."""
         qw = self.qw
         scale = self.scale().detach().float().cpu()
-        zero = None if qw.zero is None else qw.zero.cpu()
-        out = QuantizedWeight(qw.fmt, qw.qweight.cpu(), scale, zero, qw.in_features, qw.group_size)
+        if self.u is not None:
+            out = pack_ternary(self.current_codes().float().cpu(), scale, qw.group_size)
+        else:
+            zero = None if qw.zero is None else qw.zero.cpu()
+            out = QuantizedWeight(qw.fmt, qw.qweight.cpu(), scale, zero, qw.in_features, qw.group_size)
         lora = None
         if self.down is not None:
+            with torch.no_grad():  # the file holds bf16: later blocks must be fitted to what it holds
+                self.down.copy_(self.down.to(torch.bfloat16))
+                self.up.copy_(self.up.to(torch.bfloat16))
             lora = (self.down.detach().to(torch.bfloat16).cpu(), self.up.detach().to(torch.bfloat16).cpu())
         return out, lora

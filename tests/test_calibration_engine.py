@@ -1,0 +1,598 @@
+"""Calibrated conversion (converter/calibration/engine.py through convert() and the CLI) on a tiny FLUX:
+the file's calibration record, the converted model against the full-precision one on held-out inputs,
+distillation touching only scales, the low-rank branch, resuming after an interrupt, refusing a state
+folder of other settings, budgeted mixed precision, error paths, variable text lengths, micro-batching.
+
+The references are independent of the engine: the full-precision model is the testbed Flux loaded from the
+checkpoint, converted files are run through testbed.bitflux (bitkernel layers), the teacher trajectories
+are re-sampled here with the plain Euler loop, byte counts come from the file's own tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_converter_support import make_state, save_bfl, tiny_config
+
+from converter import convert
+from converter.calibration.acts import micro_batches
+from converter.calibration.conditioning import CalibrationConditioning, save_conditioning
+from converter.calibration.engine import CalibrationSettings, Calibrator
+from converter.calibration.streamed import StreamedFlux
+from converter.cli import main
+from converter.errors import ConversionError, InputError
+from converter.fileformat import LayerSpec, layer_tensors, read_header
+from converter.flux_model import Flux, get_schedule, make_img_ids, make_txt_ids
+from testbed.bitflux import load_bitflux_flux
+
+CFG = tiny_config()  # hidden 256, 2 heads, one double and one single block, context 64, vec 32, 16 channels
+GRID = (4, 4)  # image tokens of the calibration conditioning
+N_TOK = GRID[0] * GRID[1]
+L = 8  # text tokens of the calibration conditioning
+BLOCKS = ["double_blocks.0", "single_blocks.0"]
+# 6 prompts in the file, the first 4 used; 3 teacher steps, 2 kept: 8 samples
+BASE = dict(prompts=4, steps=3, timesteps=2, distill_steps=20, micro_batch_tokens=256)
+
+
+def _cond(n: int, context: int, vec: int, seed: int, txt_len=None) -> CalibrationConditioning:
+    gen = torch.Generator().manual_seed(seed)
+    txt = torch.randn(n, L, context, generator=gen)
+    if txt_len is not None:
+        txt_len = torch.tensor(txt_len, dtype=torch.int64)
+        txt = txt * (torch.arange(L)[None, :, None] < txt_len[:, None, None])  # zero padding
+    return CalibrationConditioning(
+        txt, torch.randn(n, vec, generator=gen), [f"prompt {seed}.{i}" for i in range(n)], "test encoder", GRID,
+        3.5, txt_len=txt_len,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: GPTQ's many small ops are far slower with two threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The checkpoint, conditioning files, the full-precision model and a memo of conversions."""
+    folder = tmp_path_factory.mktemp("calib")
+    src = str(folder / "flux.safetensors")
+    save_bfl(make_state(CFG, seed=1), src)
+    cond = str(folder / "cond.safetensors")
+    save_conditioning(cond, _cond(6, CFG.context_in_dim, CFG.vec_in_dim, seed=5))
+    cond_var = str(folder / "cond-var.safetensors")
+    save_conditioning(cond_var, _cond(4, CFG.context_in_dim, CFG.vec_in_dim, seed=6, txt_len=[8, 3, 8, 5]))
+    fp = Flux(CFG).eval()
+    fp.load_state_dict({k: v.float() for k, v in load_file(src).items()}, strict=True)
+    cache: dict[str, str] = {}
+
+    def converted(name: str, keep: bool = False, **settings) -> str:
+        """Output path of the conversion `name` (calibrated with BASE updated by settings, or plain mse
+        for "mse"), made once per module."""
+        if name not in cache:
+            out = str(folder / f"{name}.safetensors")
+            calib = None if name == "mse" else CalibrationSettings(cond, **{**BASE, **settings})
+            convert(src, out, device="cpu", progress=False, calibration=calib, keep_calibration_dir=keep)
+            cache[name] = out
+        return cache[name]
+
+    return dict(folder=folder, src=src, cond=cond, cond_var=cond_var, fp=fp, converted=converted)
+
+
+def _cal(tiny) -> str:
+    """The reference calibrated conversion (GPTQ + distillation), its state folder kept."""
+    return tiny["converted"]("cal", keep=True)
+
+
+def _record(path: str) -> dict:
+    return read_header(path).method["calibration"]
+
+
+def _tensors_equal(a: str, b: str) -> None:
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+
+
+def _args(n: int, txt: torch.Tensor, y: torch.Tensor, t: float) -> dict:
+    return dict(
+        img_ids=make_img_ids(n, 2 * GRID[0], 2 * GRID[1]), txt=txt, txt_ids=make_txt_ids(n, txt.shape[1]),
+        timesteps=torch.full((n,), t), y=y, guidance=torch.full((n,), 3.5),
+    )
+
+
+def velocity_error(fp: Flux, model: torch.nn.Module, n: int = 4, steps: int = 3, seed: int = 1234) -> float:
+    """Relative squared error of model's velocity against fp's along fp's own Euler trajectories from new
+    noise and new conditioning (held out: neither is in the calibration file)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, N_TOK, CFG.in_channels, generator=gen)
+    txt = torch.randn(n, L, CFG.context_in_dim, generator=gen)
+    y = torch.randn(n, CFG.vec_in_dim, generator=gen)
+    schedule = get_schedule(steps, N_TOK)
+    num = den = 0.0
+    with torch.no_grad():
+        for i in range(steps):
+            args = _args(n, txt, y, schedule[i])
+            v_fp, v_q = fp(img=x, **args), model(img=x, **args)
+            num += float((v_q - v_fp).pow(2).sum())
+            den += float(v_fp.pow(2).sum())
+            x = x + (schedule[i + 1] - schedule[i]) * v_fp
+    return num / den
+
+
+def _block0_error(fp: Flux, quant: Flux, inputs: dict[str, torch.Tensor]) -> float:
+    """||block_q(X) - block_fp(X)||^2 / ||block_fp(X)||^2 over both streams, on the captured block-0 inputs."""
+    img, txt, vec = inputs["img"].float(), inputs["txt"].float(), inputs["vec"].float()
+    n = img.shape[0]
+    pe = fp.pe_embedder(torch.cat((make_txt_ids(n, txt.shape[1]), make_img_ids(n, 2 * GRID[0], 2 * GRID[1])), 1))
+    with torch.no_grad():
+        fi, ft = fp.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe)
+        qi, qt = quant.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe)
+    return float(((qi - fi).pow(2).sum() + (qt - ft).pow(2).sum()) / (fi.pow(2).sum() + ft.pow(2).sum()))
+
+
+def _block_linear_bytes(path: str) -> int:
+    """Bytes the file stores for its block linears (every tensor under a layer prefix)."""
+    layers = read_header(path).layers
+    return sum(t.numel() * t.element_size() for k, t in load_file(path).items() if k.rpartition(".")[0] in layers)
+
+
+class Spy:
+    """Counts calls of a method (by its first argument after self) and calls through."""
+
+    def __init__(self, monkeypatch, cls, name: str) -> None:
+        self.calls: list = []
+        original = getattr(cls, name)
+
+        def wrapper(obj, *args, **kwargs):
+            self.calls.append(args[0] if args else None)
+            return original(obj, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+
+# ---------------------------------------------------------------------------------------------- 1. calibrated file
+
+
+def test_calibrated_file_records_its_calibration(tiny):
+    path = _cal(tiny)
+    header = read_header(path)
+    assert all(spec == LayerSpec("ternary") for spec in header.layers.values()) and len(header.layers) == 13
+    rec = header.method["calibration"]
+    s = rec["settings"]
+    assert s["conditioning"] == tiny["cond"] and s["state_dir"] is None
+    assert (s["prompts"], s["steps"], s["timesteps"], s["seed"]) == (4, 3, 2, 0)
+    assert (s["gptq"], s["distill_steps"], s["lowrank"], s["budget"]) == (True, 20, 0, None)
+    with open(tiny["cond"], "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    assert rec["conditioning"] == {
+        "file": "cond.safetensors", "sha256": sha, "prompts": 4, "encoder": "test encoder", "image_tokens": [4, 4],
+        "guidance": 3.5,
+    }
+    assert rec["samples"] == 4 * 2
+    assert list(rec["block_error"]) == BLOCKS
+    for name, e in rec["block_error"].items():
+        assert 0 < e["after"] <= e["before"] < 1, name
+    assert rec["mixed_precision"] is None
+    assert set(rec["block_seconds"]) == set(BLOCKS)
+    json.dumps(rec)  # plain JSON
+
+
+def test_calibrated_model_is_closer_to_full_precision_on_held_out_inputs(tiny):
+    fp = tiny["fp"]
+    plain = velocity_error(fp, load_bitflux_flux(tiny["converted"]("mse")))
+    calibrated = velocity_error(fp, load_bitflux_flux(_cal(tiny)))
+    assert calibrated < 0.9 * plain, (calibrated, plain)
+
+
+def test_recorded_block_errors_are_those_of_the_written_layers(tiny):
+    """block_error of the first block, recomputed from the files on the captured inputs: 'before' is the
+    error of the undistilled layers (the distill_steps=0 file), 'after' that of the written ones."""
+    path, d0 = _cal(tiny), tiny["converted"]("d0", distill_steps=0)
+    inputs = load_file(os.path.join(path + ".calib", "inputs.safetensors"))
+    assert inputs["img"].shape == (8, N_TOK, CFG.hidden_size) and inputs["lens"].tolist() == [L] * 8
+    fp = tiny["fp"]
+    before = _block0_error(fp, load_bitflux_flux(d0), inputs)
+    after = _block0_error(fp, load_bitflux_flux(path), inputs)
+    rec, rec0 = _record(path)["block_error"]["double_blocks.0"], _record(d0)["block_error"]["double_blocks.0"]
+    assert rec0["before"] == rec0["after"] == pytest.approx(before, rel=1e-3)
+    assert rec["before"] == pytest.approx(before, rel=1e-3)
+    assert rec["after"] == pytest.approx(after, rel=1e-3)
+    assert after < before
+
+
+# ---------------------------------------------------------------------------------------------- 2. only scales
+
+
+def test_distillation_changes_only_scales(tiny):
+    conv = tiny["converted"]
+    cal, d0 = load_file(_cal(tiny)), load_file(conv("d0", distill_steps=0))
+    # with GPTQ the codes of the first block come from the same Hessians: same bytes, trained scales
+    for layer in read_header(_cal(tiny)).layers:
+        if layer.startswith("double_blocks.0."):
+            assert torch.equal(cal[f"{layer}.qweight"], d0[f"{layer}.qweight"]), layer
+            assert not torch.equal(cal[f"{layer}.scale"], d0[f"{layer}.scale"]), layer
+    # without GPTQ the codes never depend on activations: every layer keeps plain mse's bytes, and with
+    # distillation off the scales are plain mse's too
+    mse = load_file(conv("mse"))
+    plain_d0 = load_file(conv("nogptq-d0", gptq=False, distill_steps=0))
+    plain = load_file(conv("nogptq", gptq=False))
+    changed = 0
+    for layer in read_header(conv("mse")).layers:
+        q, sc = f"{layer}.qweight", f"{layer}.scale"
+        assert torch.equal(plain[q], mse[q]) and torch.equal(plain_d0[q], mse[q]), layer
+        assert torch.equal(plain_d0[sc], mse[sc]), layer
+        changed += not torch.equal(plain[sc], mse[sc])
+    assert changed == 13
+
+
+# ---------------------------------------------------------------------------------------------- 3. low-rank branch
+
+
+def test_lowrank_branch_is_stored_and_helps(tiny):
+    r = 16
+    path = tiny["converted"]("lowrank", lowrank=r)
+    header, tensors = read_header(path), load_file(path)
+    assert _record(path)["settings"]["lowrank"] == r
+    for layer, spec in header.layers.items():
+        assert spec == LayerSpec("ternary", lora_rank=r), layer
+        n, k = tensors[f"{layer}.scale"].shape[0], tensors[f"{layer}.qweight"].shape[1] * 4
+        down, up = tensors[f"{layer}.lora_down"], tensors[f"{layer}.lora_up"]
+        assert down.shape == (r, k) and up.shape == (n, r), layer
+        assert down.dtype == up.dtype == torch.bfloat16 and up.float().abs().sum() > 0, layer
+    fp = tiny["fp"]
+    model = load_bitflux_flux(path)
+    with_branch = velocity_error(fp, model)
+    for layer in header.layers:
+        model.get_submodule(layer).set_lora(None, None)
+    without_branch = velocity_error(fp, model)
+    calibrated = velocity_error(fp, load_bitflux_flux(_cal(tiny)))
+    assert with_branch < 0.9 * without_branch, (with_branch, without_branch)
+    assert with_branch < 0.9 * calibrated, (with_branch, calibrated)
+
+
+# ---------------------------------------------------------------------------------------------- 4. resume
+
+
+@pytest.mark.parametrize(
+    "lowrank",
+    [
+        0,
+        4,
+    ],
+    ids=["plain", "lowrank"],
+)
+def test_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, lowrank):
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "distill_steps": 10, "micro_batch_tokens": 64,
+                                                    "lowrank": lowrank})
+    out = str(tmp_path / "out.safetensors")
+    state = out + ".calib"
+    original = Calibrator.distill
+
+    def interrupted(self, name, *args, **kwargs):
+        if name == BLOCKS[1]:
+            raise KeyboardInterrupt
+        return original(self, name, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "distill", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert sorted(os.listdir(tmp_path)) == ["out.safetensors.calib"]  # no output, no partial file
+    with open(os.path.join(state, "state.json")) as f:
+        saved = json.load(f)
+    assert saved["done"] == [BLOCKS[0]] and list(saved["errors"]) == [BLOCKS[0]]
+    assert sorted(os.listdir(state)) == ["double_blocks.0.safetensors", "inputs.safetensors", "state.json"]
+
+    quantized, embedded = Spy(monkeypatch, Calibrator, "quantize_block"), Spy(monkeypatch, StreamedFlux, "embed")
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert quantized.calls == [BLOCKS[1]]  # the first block was loaded, not recomputed
+    assert embedded.calls == []  # nor were the teacher trajectories sampled again
+    assert not os.path.exists(state)  # removed after success
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    ref = str(fresh / "out.safetensors")
+    convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
+    _tensors_equal(out, ref)
+    assert _record(out)["block_error"] == _record(ref)["block_error"]
+    assert _record(out)["samples"] == _record(ref)["samples"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- 5. other settings
+
+
+def test_state_folder_is_reused_only_with_the_same_settings(tiny, tmp_path, monkeypatch):
+    path = _cal(tiny)
+    state = str(tmp_path / "state")
+    shutil.copytree(path + ".calib", state)
+    out = str(tmp_path / "out.safetensors")
+    same = CalibrationSettings(tiny["cond"], **BASE, state_dir=state)
+    for other in (
+        dataclasses.replace(same, distill_steps=21),
+        dataclasses.replace(same, prompts=3),
+        dataclasses.replace(same, conditioning=tiny["cond_var"]),
+    ):
+        with pytest.raises(ConversionError, match="--calib-dir") as exc:
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=other)
+        assert state in str(exc.value) and "other settings" in str(exc.value)
+        assert sorted(os.listdir(tmp_path)) == ["state"]
+    # same settings (another output, another folder name): nothing is recomputed, the same layers come out
+    quantized, embedded = Spy(monkeypatch, Calibrator, "quantize_block"), Spy(monkeypatch, StreamedFlux, "embed")
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=same, keep_calibration_dir=True)
+    assert quantized.calls == [] and embedded.calls == []
+    _tensors_equal(out, path)
+    assert os.path.isdir(state)
+
+
+def test_state_of_another_checkpoint_with_the_same_name_is_refused(tiny, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    src2 = str(other / "flux.safetensors")  # same name and size, other weights
+    save_bfl(make_state(CFG, seed=2), src2)
+    assert os.path.getsize(src2) == os.path.getsize(tiny["src"])
+    state = str(tmp_path / "state")
+    shutil.copytree(_cal(tiny) + ".calib", state)
+    settings = CalibrationSettings(tiny["cond"], **BASE, state_dir=state)
+    with pytest.raises(ConversionError, match="--calib-dir"):
+        convert(src2, str(tmp_path / "out.safetensors"), device="cpu", progress=False, calibration=settings)
+
+
+def test_calib_dir_removal_removes_only_the_calibration_files(tiny, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not the converter's")
+    out = str(folder / "out.safetensors")
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "distill_steps": 2}, state_dir=str(folder))
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert sorted(os.listdir(folder)) == ["notes.txt", "out.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------- 6. budget
+
+
+def test_budget_mixes_formats_under_the_budget(tiny, tmp_path):
+    shapes = {k: v.shape for k, v in load_file(tiny["src"]).items()}
+    layers = list(read_header(tiny["converted"]("mse")).layers)
+
+    def total(label: str) -> int:
+        from converter.rules import parse_format
+
+        spec = parse_format(label)
+        return sum(
+            t.nbytes for p in layers
+            for t in layer_tensors(p, spec, *shapes[f"{p}.weight"], f"{p}.bias" in shapes)
+        )
+
+    ternary, int8 = total("ternary"), total("int8")
+    budget = (ternary + int8) // 2
+    pinned = "double_blocks.0.img_attn.proj"
+    out = str(tmp_path / "mixed.safetensors")
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "distill_steps": 10}, budget=f"{budget}B")
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, rules=[f"{pinned}=int4a:64"])
+    header = read_header(out)
+    assert header.layers[pinned] == LayerSpec("int4", 64, symmetric=False)
+    labels = {p: s.label for p, s in header.layers.items()}
+    assert len({lb for p, lb in labels.items() if p != pinned}) >= 2, labels
+    nbytes = _block_linear_bytes(out)
+    assert ternary < nbytes <= budget
+    plan = header.method["calibration"]["mixed_precision"]
+    assert plan["budget_bytes"] == budget and plan["total_bytes"] == nbytes
+    assert {p: v["format"] for p, v in plan["layers"].items()} == labels
+    assert sum(plan["formats"].values()) == 13
+    assert header.method["calibration"]["settings"]["budget"] == f"{budget}B"
+    tensors = load_file(out)
+    assert tensors[f"{pinned}.zero"].shape == (256, 256 // 64)  # the asymmetric layer went through calibration
+    velocity_error(tiny["fp"], load_bitflux_flux(out))  # runs
+
+
+def test_budget_with_lowrank_counts_the_branch_of_pinned_layers(tiny, tmp_path):
+    shapes = {k: v.shape for k, v in load_file(tiny["src"]).items()}
+    layers = list(read_header(tiny["converted"]("mse")).layers)
+
+    def total(spec: LayerSpec) -> int:
+        return sum(
+            t.nbytes for p in layers
+            for t in layer_tensors(p, spec, *shapes[f"{p}.weight"], f"{p}.bias" in shapes)
+        )
+
+    budget = (total(LayerSpec("ternary", lora_rank=8)) + total(LayerSpec("int8"))) // 2
+    pinned = "single_blocks.0.linear2"
+    out = str(tmp_path / "mixed.safetensors")
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "distill_steps": 5}, lowrank=8, budget=f"{budget}B")
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, rules=[f"{pinned}=ternary:64"])
+    header = read_header(out)
+    assert header.layers[pinned].format == "ternary" and header.layers[pinned].group_size == 64
+    nbytes = _block_linear_bytes(out)
+    plan = header.method["calibration"]["mixed_precision"]
+    assert plan["total_bytes"] == nbytes, (plan["total_bytes"], nbytes, header.layers[pinned])
+    assert nbytes <= budget
+
+
+# ---------------------------------------------------------------------------------------------- 7. errors
+
+
+def test_missing_conditioning_file(tiny, tmp_path):
+    out = str(tmp_path / "out.safetensors")
+    settings = CalibrationSettings(str(tmp_path / "missing.safetensors"), **BASE)
+    with pytest.raises(ConversionError) as exc:
+        convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    msg = str(exc.value)
+    assert "missing.safetensors" in msg and "BitFlux Calibration Prompts" in msg and "testbed.calibration_data" in msg
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("what", ["context", "vec"])
+def test_conditioning_of_another_model(tiny, tmp_path, what):
+    context, vec = (48, CFG.vec_in_dim) if what == "context" else (CFG.context_in_dim, 768)
+    cond = str(tmp_path / "other.safetensors")
+    save_conditioning(cond, _cond(2, context, vec, seed=0))
+    out = str(tmp_path / "out.safetensors")
+    with pytest.raises(InputError) as exc:
+        convert(tiny["src"], out, device="cpu", progress=False, calibration=CalibrationSettings(cond, **BASE))
+    msg = str(exc.value)
+    if what == "context":
+        assert "context 48" in msg and f"expects {CFG.context_in_dim}" in msg
+    else:
+        assert "768 (CLIP-L)" in msg and f"expects {CFG.vec_in_dim}" in msg
+    assert os.listdir(tmp_path) == ["other.safetensors"]
+
+
+def test_failure_after_calibration_leaves_no_file_and_keeps_the_work(tiny, tmp_path, monkeypatch):
+    out = str(tmp_path / "out.safetensors")
+    settings = CalibrationSettings(tiny["cond"], **BASE)
+
+    def broken(*args, **kwargs):
+        raise ConversionError("verification failed (test)")
+
+    with monkeypatch.context() as m:
+        m.setattr("converter.pipeline.verify_output", broken)
+        with pytest.raises(ConversionError, match="verification failed"):
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert os.listdir(tmp_path) == ["out.safetensors.calib"]
+    quantized = Spy(monkeypatch, Calibrator, "quantize_block")
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert quantized.calls == []
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+    _tensors_equal(out, _cal(tiny))
+
+
+def test_cli_argument_errors(tiny, tmp_path, capsys):
+    out = str(tmp_path / "out.safetensors")
+    for flags in (["--budget", "3GB"], ["--lowrank", "4"], ["--calib-data", tiny["cond"]], ["--no-gptq"],
+                  ["--calib-dir", str(tmp_path / "d")]):
+        assert main([tiny["src"], "-o", out, "--device", "cpu", *flags]) == 2, flags
+        assert "calibration options need --calibrate" in capsys.readouterr().err
+    assert main([tiny["src"], "-o", out, "--device", "cpu", "--calibrate"]) == 2
+    err = capsys.readouterr().err
+    assert "--calibrate needs --calib-data FILE" in err and "BitFlux Calibration Prompts" in err
+    missing = str(tmp_path / "nope.safetensors")
+    assert main([tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: calibration conditioning file") and "testbed.calibration_data" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--keep-calib-dir"], ["--calib-gpu-memory", "4"], ["--distill-steps", "5"], ["--learn-codes"],
+        ["--calib-steps", "5"]
+    ],
+    ids=lambda f: f[0],
+)
+def test_cli_other_calibration_options_need_calibrate(tiny, tmp_path, capsys, flags):
+    out = str(tmp_path / "out.safetensors")
+    assert main([tiny["src"], "-o", out, "--device", "cpu", "--quiet", *flags]) == 2
+    assert "calibration options need --calibrate" in capsys.readouterr().err
+
+
+def test_cli_calibrates(tiny, tmp_path, capsys):
+    out, state = str(tmp_path / "out.safetensors"), str(tmp_path / "work")
+    argv = [
+        tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", tiny["cond"],
+        "--calib-prompts", "3", "--calib-steps", "2", "--calib-timesteps", "2", "--no-gptq", "--distill-steps", "5",
+        "--lowrank", "2", "--calib-dir", state, "--keep-calib-dir",
+    ]
+    assert main(argv) == 0
+    assert "calibration 6 samples from 3 prompts" in capsys.readouterr().out
+    s = _record(out)["settings"]
+    assert (s["prompts"], s["steps"], s["timesteps"], s["gptq"], s["distill_steps"], s["lowrank"]) == (
+        3, 2, 2, False, 5, 2)
+    assert s["state_dir"] is None and s["budget"] is None
+    assert all(spec.lora_rank == 2 for spec in read_header(out).layers.values())
+    with open(os.path.join(state, "state.json")) as f:
+        assert json.load(f)["done"] == BLOCKS
+    assert sorted(os.listdir(tmp_path)) == ["out.safetensors", "work"]
+
+
+# ---------------------------------------------------------------------------------------------- 8. text lengths
+
+
+def _teacher_inputs(fp: Flux, cond: CalibrationConditioning, steps: int, keep: list[int], seed: int = 0) -> list:
+    """Block-0 inputs (img, txt, vec) of every (kept step, prompt), timestep-major, each prompt sampled alone
+    with its own context length (Euler on the shifted schedule, as FLUX samples)."""
+    p = len(cond)
+    noise = torch.randn(p, N_TOK, CFG.in_channels, generator=torch.Generator().manual_seed(seed))
+    schedule = get_schedule(steps, N_TOK)
+    out: dict = {}
+    with torch.no_grad():
+        for i in range(p):
+            x, txt, y = noise[i : i + 1], cond.context(i)[None].float(), cond.vec[i : i + 1].float()
+            for step in range(steps):
+                args = _args(1, txt, y, schedule[step])
+                if step in keep:
+                    a = dict(args)
+                    img0, txt0, vec0, _ = fp.embed(
+                        x, a["img_ids"], a["txt"], a["txt_ids"], a["timesteps"], a["y"], a["guidance"]
+                    )
+                    out[(keep.index(step), i)] = (img0[0], txt0[0], vec0[0])
+                x = x + (schedule[step + 1] - schedule[step]) * fp(img=x, **args)
+    return [out[(k, i)] for k in range(len(keep)) for i in range(p)]
+
+
+def test_variable_text_lengths_end_to_end(tiny, tmp_path):
+    from converter.calibration.conditioning import load_conditioning
+
+    cond = load_conditioning(tiny["cond_var"])
+    lens = [8, 3, 8, 5]
+    assert cond.txt_len.tolist() == lens
+    out = str(tmp_path / "var.safetensors")
+    settings = CalibrationSettings(
+        tiny["cond_var"], prompts=0, steps=3, timesteps=2, distill_steps=10, micro_batch_tokens=48
+    )  # 48 tokens: at most 2 samples of 16 + 8 tokens per micro-batch
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
+    rec = _record(out)
+    assert rec["samples"] == 8 and rec["conditioning"]["prompts"] == 4
+    for e in rec["block_error"].values():
+        assert 0 < e["after"] <= e["before"] < 1
+    saved = load_file(os.path.join(out + ".calib", "inputs.safetensors"))
+    assert saved["lens"].tolist() == lens * 2
+    ref = _teacher_inputs(tiny["fp"], cond, steps=3, keep=[0, 2])
+    for j, (img, txt, vec) in enumerate(ref):
+        n = lens[j % 4]
+        torch.testing.assert_close(saved["img"][j], img, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(saved["txt"][j, :n], txt, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(saved["vec"][j], vec, rtol=1e-4, atol=1e-5)
+        assert not saved["txt"][j, n:].any()  # padding rows stay zero
+    # the reference is sensitive to padding: the padded context gives other trajectories
+    padded = CalibrationConditioning(cond.txt, cond.vec, cond.prompts, cond.encoder, GRID, 3.5)
+    img_padded = _teacher_inputs(tiny["fp"], padded, steps=3, keep=[0, 2])[5][0]
+    assert not torch.allclose(img_padded, saved["img"][5], rtol=1e-3, atol=1e-4)
+    velocity_error(tiny["fp"], load_bitflux_flux(out))  # the converted model runs
+
+
+# ---------------------------------------------------------------------------------------------- 9. micro_batches
+
+
+def test_micro_batches_group_equal_lengths_under_the_cap():
+    gen = torch.Generator().manual_seed(0)
+    for case in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=gen))
+        lens = torch.randint(1, 6, (n,), generator=gen) * 7
+        per_sample = int(torch.randint(1, 300, (1,), generator=gen))
+        cap = int(torch.randint(1, 2000, (1,), generator=gen))
+        batches = micro_batches(lens, per_sample, cap)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(n)), case  # every sample exactly once
+        per = max(1, cap // per_sample)
+        for b in batches:
+            assert b and len({int(lens[i]) for i in b}) == 1, case
+            assert len(b) <= per and (len(b) * per_sample <= cap or len(b) == 1), case
+        for length in set(lens.tolist()):  # as few batches as the cap allows
+            count = sum(1 for v in lens.tolist() if v == length)
+            assert sum(1 for b in batches if int(lens[b[0]]) == length) == math.ceil(count / per), case
+    assert micro_batches(torch.tensor([5, 3, 5, 5, 3]), 10, 20) == [[1, 4], [0, 2], [3]]
+    assert micro_batches(torch.tensor([4, 4]), 100, 10) == [[0], [1]]  # one sample over the cap still runs
+
