@@ -1,10 +1,14 @@
 """The demo: convert the shipped testbed model to 1.58 bits and compare it with full precision.
 
-    python demo.py [--out out/demo] [--n N] [--method mse] [--device cpu|cuda]
+    python demo.py [--out out/demo] [--n N] [--lowrank 16] [--no-calibrate] [--device cpu|cuda]
 
 Converts testbed/weights/flux_testbed.safetensors (a FLUX-architecture model
-trained here, see testbed/README.md) with the converter's default method,
-samples held-out prompts with the full-precision and the 1.58-bit model on the
+trained here, see testbed/README.md) to 1.58 bits the way FLUX.1-dev is meant
+to be converted: `--calibrate` (docs/CALIBRATION.md) on the testbed's own
+calibration prompts (never the evaluation prompts), with a rank-16 low-rank
+branch; on a CPU with fewer prompts and steps than the converter's defaults so
+it takes about 3 minutes (`--no-calibrate`: plain `mse` rounding, seconds).
+Then it samples held-out prompts with the full-precision and the 1.58-bit model on the
 same noise, scores both with the testbed's rules, and writes a side-by-side
 PNG grid and a Markdown report. Runs on a CPU in a few minutes; uses a GPU when
 there is one.
@@ -21,7 +25,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from converter import convert
+from converter.calibration.conditioning import save_conditioning
+from converter.calibration.engine import CalibrationSettings
 from testbed.bitflux import load_bitflux_flux
+from testbed.calibration_data import testbed_conditioning
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder
 from testbed.evaluate import evaluate
 
@@ -51,7 +58,10 @@ def main() -> int:
     ap.add_argument("--weights", default=os.path.join(HERE, "testbed", "weights"))
     ap.add_argument("--out", default=os.path.join("out", "demo"))
     ap.add_argument("--n", type=int, default=None, help="held-out prompts per model (default 16 on CPU, 96 on GPU)")
-    ap.add_argument("--method", default="mse", help="converter method (default: the converter's default)")
+    ap.add_argument("--method", default="mse", help="converter rounding method (default: the converter's default)")
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                    help="calibrate against the full-precision model (default on)")
+    ap.add_argument("--lowrank", type=int, default=16, help="rank of the calibrated low-rank branch (0: none)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.n is None:
@@ -64,8 +74,19 @@ def main() -> int:
         return 1
     os.makedirs(args.out, exist_ok=True)
     q_path = os.path.join(args.out, "flux_testbed_1.58bit.safetensors")
-    print(f"converting {fp_path} -> {q_path} (method {args.method})", flush=True)
-    report = convert(fp_path, q_path, method=args.method, device=args.device, force=True, progress=False)
+    calibration, described = None, f"method {args.method}, no calibration"
+    if args.calibrate:
+        cuda = str(args.device).startswith("cuda")
+        cond_path = os.path.join(args.out, "calibration_conditioning.safetensors")
+        save_conditioning(cond_path, testbed_conditioning(256 if cuda else 64, weights_dir=args.weights))
+        # the converter's defaults on a GPU; on a CPU fewer samples and steps (about 2 minutes)
+        quick = {} if cuda else {"steps": 10, "distill_steps": 100, "distill_batch": 16}
+        calibration = CalibrationSettings(cond_path, lowrank=args.lowrank, **quick)
+        described = (f"method {args.method}, calibrated (GPTQ + scale distillation, low-rank {args.lowrank}, "
+                     f"{'converter defaults' if cuda else 'CPU settings ' + str(quick)})")
+    print(f"converting {fp_path} -> {q_path} ({described})", flush=True)
+    report = convert(fp_path, q_path, method=args.method, device=args.device, force=True, progress=False,
+                     calibration=calibration)
     t_convert = time.time() - t0
 
     te = load_text_encoder(os.path.join(args.weights, TEXT_FILE), args.device)
@@ -91,7 +112,7 @@ def main() -> int:
         lines.append(f"| {cat} | {fp['categories'][cat] * 100:.1f}% | {q['categories'][cat] * 100:.1f}% |")
     lines += [
         "",
-        f"Converter method: {args.method}; formats: {report.formats}. Times: convert {t_convert:.1f} s, "
+        f"Conversion: {described}; formats: {report.formats}. Times: convert {t_convert:.1f} s, "
         f"sampling {fp['seconds']:.1f} s (full precision) and {q['seconds']:.1f} s (1.58-bit); "
         f"total {time.time() - t0:.1f} s.",
         f"Images: {grid_path}. Accuracy on {args.n} prompts is noisy: bench/quality.py scores 1200 with intervals.",
