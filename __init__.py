@@ -2,27 +2,26 @@
 
 V3 node API (comfy_api.latest) where this ComfyUI has it, the classic
 NODE_CLASS_MAPPINGS otherwise; ComfyUI reads NODE_CLASS_MAPPINGS first, so
-only one of the two is defined.
+only one of the two is defined. Imported outside ComfyUI (pytest collects the
+repository root as a package), it registers nothing.
 """
 
-try:
-    import comfy  # noqa: F401  (probe only)
-except ImportError:  # imported outside ComfyUI (pytest collects the repo root as a package): register nothing
-    comfy = None
+import importlib
 
-if comfy is not None:
+
+def _importable(module: str) -> bool:
     try:
-        import comfy_api.latest  # noqa: F401  (probe only)
-
-        _HAS_V3 = True
+        importlib.import_module(module)
     except ImportError:
-        _HAS_V3 = False
+        return False
+    return True
 
-    if _HAS_V3:
-        from .comfy_nodes.nodes_v3 import comfy_entrypoint
 
-        __all__ = ["comfy_entrypoint"]
-    else:
-        from .comfy_nodes.nodes_v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if _importable("comfy_api.latest"):
+    from .comfy_nodes.nodes_v3 import comfy_entrypoint
 
-        __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["comfy_entrypoint"]
+elif _importable("comfy"):
+    from .comfy_nodes.nodes_v1 import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

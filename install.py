@@ -221,11 +221,16 @@ def pip_command(m: Machine, build_dir: str) -> list[str]:
     ]  # fmt: skip
 
 
+def shown_command(plan: Plan, cmd: list[str]) -> str:
+    """The build command as a shell line, with the plan's environment variables in front."""
+    return " ".join(f"{k}={v}" for k, v in plan.env.items()) + " " + " ".join(cmd)
+
+
 def build(m: Machine, plan: Plan) -> None:
     with tempfile.TemporaryDirectory(prefix="bitkernel-build-") as build_dir:
         cmd = pip_command(m, build_dir)
         env = dict(os.environ, **plan.env)
-        say("running: " + " ".join(f"{k}={v}" for k, v in plan.env.items()) + " " + " ".join(cmd))
+        say("running: " + shown_command(plan, cmd))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         log = (proc.stdout + proc.stderr).strip().splitlines()
@@ -256,14 +261,14 @@ def verify(m: Machine, expect_cuda: bool) -> dict:
             "Run install.py again; if it keeps failing, report this output."
         )
     result = json.loads(line[len("BITKERNEL_VERIFY ") :])
-    info = result["info"]
+    info, devices = result["info"], result.get("devices", {})
     say(
         f"bitkernel {info.get('version')}: CUDA {'archs ' + info['cuda_archs'] if info.get('cuda') else 'no'}; "
         f"CPU kernels {info.get('cpu_features')}; GPUs seen: {', '.join(info.get('gpus') or []) or 'none'}"
     )
-    for dev, status in result.get("devices", {}).items():
+    for dev, status in devices.items():
         say(f"check on {dev}: {status}")
-    bad = {d: s for d, s in result.get("devices", {}).items() if s != "ok"}
+    bad = {d: s for d, s in devices.items() if s != "ok"}
     driver, runtime = info.get("cuda_driver") or 0, info.get("cuda_runtime") or 0
     if expect_cuda and driver and runtime and driver < runtime:
         raise InstallError(
@@ -273,7 +278,7 @@ def verify(m: Machine, expect_cuda: bool) -> dict:
         )
     if expect_cuda and not info.get("cuda"):
         raise InstallError(f"bitkernel was built without CUDA kernels although nvcc was given.\n{CUDA_TOOLKIT_HELP}")
-    if expect_cuda and "cuda" not in result.get("devices", {}):
+    if expect_cuda and "cuda" not in devices:
         bad["cuda"] = "torch sees the GPU but bitkernel's CUDA check did not run"
     if bad:
         detail = "; ".join(f"{d}: {s}" for d, s in bad.items())
@@ -312,12 +317,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for w in plan.warnings:
             say(f"note: {w}")
         if args.dry_run:
-            say(
-                "dry run: "
-                + " ".join(f"{k}={v}" for k, v in plan.env.items())
-                + " "
-                + " ".join(pip_command(m, "<tmp>"))
-            )
+            say("dry run: " + shown_command(plan, pip_command(m, "<tmp>")))
             return 0
         build(m, plan)
         after = torch_version_now(m)

@@ -30,11 +30,11 @@ from converter import convert  # noqa: E402
 from converter.calibration.conditioning import save_conditioning  # noqa: E402
 from converter.calibration.engine import CalibrationSettings  # noqa: E402
 from testbed.bitflux import load_bitflux_flux  # noqa: E402
-from testbed.calibration_data import testbed_conditioning  # noqa: E402
+from testbed.calibration_data import CPU_CALIBRATION, CPU_PROMPTS, testbed_conditioning  # noqa: E402
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
 
-REDUCED = {"steps": 10, "distill_steps": 100, "distill_batch": 16}
+REDUCED = CPU_CALIBRATION  # the settings demo.py uses on a CPU
 VARIANTS = {
     "base": {},  # GPTQ + scale distillation at scale_lr 2e-3
     "d300": {"distill_steps": 300},
@@ -58,7 +58,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cond = os.path.join(tmp, "cond.safetensors")
-        save_conditioning(cond, testbed_conditioning(64, weights_dir=args.weights))
+        save_conditioning(cond, testbed_conditioning(CPU_PROMPTS, weights_dir=args.weights))
         for name in args.variants:
             t0 = time.monotonic()
             out = os.path.join(tmp, f"{name}.safetensors")
@@ -72,8 +72,9 @@ def main() -> None:
             print(name, f"{res['overall'] * 100:.1f}%", flush=True)
     cats = list(rows[0][1]["categories"])
     lines = [
-        f"Testbed model, calibration at reduced settings {REDUCED} on 64 calibration prompts, {args.n} held-out "
-        f"prompts, device {args.device}. Accuracy in %; block error = relative output error after distillation.\n",
+        f"Testbed model, calibration at reduced settings {REDUCED} on {CPU_PROMPTS} calibration prompts, "
+        f"{args.n} held-out prompts, device {args.device}. Accuracy in %; block error = relative output error "
+        "after distillation.\n",
         "| variant | settings | file MB | overall | " + " | ".join(cats) + " | block errors | convert s |",
         "|" + "---|" * (len(cats) + 6),
     ]

@@ -16,6 +16,7 @@ max_memory_reserved in that process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -28,26 +29,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from convert_memory import RandomWeights  # noqa: E402
+from convert_memory import RandomWeights, write_tensors  # noqa: E402
 from report_table import emit  # noqa: E402
 
-from converter.architecture import AXES_DIM, Architecture, expected_shapes  # noqa: E402
+from converter.architecture import FLUX1_DEV, Architecture, expected_shapes  # noqa: E402
 from converter.calibration.conditioning import CalibrationConditioning, save_conditioning  # noqa: E402
-from converter.safetensors_io import PlannedTensor, StreamingWriter  # noqa: E402
 
-FULL_DOUBLE, FULL_SINGLE = 19, 38
+FULL_DOUBLE, FULL_SINGLE = FLUX1_DEV.depth, FLUX1_DEV.depth_single_blocks
 
 
 def write_checkpoint(path: str, arch: Architecture) -> None:
     shapes = expected_shapes(arch)
     weights = RandomWeights()
-    writer = StreamingWriter(path, [PlannedTensor(n, torch.bfloat16, s) for n, s in shapes.items()], {}, reserve=0)
-    try:
-        for name, shape in shapes.items():
-            writer.write(name, weights.get(name, shape))
-        writer.finish()
-    finally:
-        writer.close()
+    write_tensors(path, list(shapes.items()), lambda n: weights.get(n, shapes[n]))
 
 
 def write_conditioning(path: str, prompts: int) -> None:
@@ -98,7 +92,7 @@ def main() -> None:
     ap.add_argument("--caps", type=float, nargs="+", default=[24, 16])
     ap.add_argument("--out")
     args = ap.parse_args()
-    arch = Architecture(64, 768, 4096, 3072, 4.0, 24, args.depth, args.single, AXES_DIM, 10_000, True, True)
+    arch = dataclasses.replace(FLUX1_DEV, depth=args.depth, depth_single_blocks=args.single)
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         src, cond = os.path.join(tmp, "flux.safetensors"), os.path.join(tmp, "cond.safetensors")

@@ -81,6 +81,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
 from comfy_standins import TINY_T5, make_tiny_files, write_random_encoders  # noqa: E402  (tests/, put on sys.path above)
+from report_table import markdown_table  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 GIB = 2**30
 PROMPT = "a red cube on top of a blue sphere on a wooden table, studio photo, soft light"
@@ -502,11 +503,6 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def report(args, env: dict[str, Any], sampling: list[dict[str, Any]], graph: Optional[dict[str, Any]]) -> str:
     out = [
         f"# ComfyUI end to end: bitflux 1.58-bit FLUX vs ComfyUI's bf16 Flux{' (tiny mode)' if args.tiny else ''}",
@@ -579,7 +575,7 @@ def report(args, env: dict[str, Any], sampling: list[dict[str, Any]], graph: Opt
                     "",
                 ]
             )
-        out.append(table(head, rows))
+        out.append(markdown_table(head, rows))
         bad = [r["variant"] for r in sampling if not r["latent_finite"]]
         if bad:
             out.append(f"\nNon-finite latents from {', '.join(bad)} (random weights; timing unaffected).")
@@ -644,7 +640,7 @@ def report(args, env: dict[str, Any], sampling: list[dict[str, Any]], graph: Opt
                 f"with loads: {sum(s['s'] for s in done):.2f} s",
             ]
         )
-        out.append(table(head, rows))
+        out.append(markdown_table(head, rows))
         notes = [
             f"T5 tokens: {graph['t5_tokens']}; image {graph['image_shape']}; transformer ms/step at the cap: "
             + (f"{graph['ms_per_step']:.1f}" if graph["ms_per_step"] else "-")

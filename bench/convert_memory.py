@@ -19,6 +19,7 @@ except for the `source` metadata: the script checks that too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,30 +30,31 @@ import subprocess
 import sys
 import time
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from report_table import markdown_table  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 from converter import keymap  # noqa: E402
-from converter.architecture import AXES_DIM, HEAD_DIM, Architecture, expected_shapes  # noqa: E402
+from converter.architecture import FLUX1_DEV, HEAD_DIM, Architecture, expected_shapes  # noqa: E402
 from converter.safetensors_io import (  # noqa: E402
     PlannedTensor,
     SafetensorsReader,
     StreamingWriter,
     encode_header,
 )
+from converter.sources import DIFFUSERS_INDEX  # noqa: E402
 
 POOL = 1 << 26  # random values reused (at per-tensor offsets) so generation is disk-bound, not RNG-bound
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def architecture(scale: float) -> Architecture:
     """FLUX.1-dev at scale 1; smaller scales shrink the hidden size (parameters ~ hidden^2) in whole heads."""
-    hidden = max(HEAD_DIM, round(3072 * math.sqrt(scale) / HEAD_DIM) * HEAD_DIM)
-    return Architecture(64, 768, 4096, hidden, 4.0, hidden // HEAD_DIM, 19, 38, AXES_DIM, 10_000, True, True)
+    hidden = max(HEAD_DIM, round(FLUX1_DEV.hidden_size * math.sqrt(scale) / HEAD_DIM) * HEAD_DIM)
+    return dataclasses.replace(FLUX1_DEV, hidden_size=hidden, num_heads=hidden // HEAD_DIM)
 
 
 class RandomWeights:
@@ -93,6 +95,26 @@ def diffusers_tensors(arch: Architecture) -> list[tuple[str, tuple[int, ...], st
     return out
 
 
+def write_tensors(
+    file: str, tensors: list[tuple[str, tuple[int, ...]]], fetch: Callable[[str], torch.Tensor], sparse: bool = False
+) -> None:
+    """A bf16 safetensors file of `tensors` (name, shape), each from fetch(name), one in memory at a time.
+    `sparse`: header only, data a hole (fetch is not called)."""
+    plan = [PlannedTensor(n, torch.bfloat16, s) for n, s in tensors]
+    if sparse:
+        with open(file, "wb") as f:
+            f.write(encode_header(plan, {}))
+            f.truncate(f.tell() + sum(t.nbytes for t in plan))
+        return
+    writer = StreamingWriter(file, plan, {}, reserve=0)
+    try:
+        for n, _ in tensors:
+            writer.write(n, fetch(n))
+        writer.finish()
+    finally:
+        writer.close()
+
+
 def generate(layout: str, path: str, scale: float, sparse: bool) -> dict[str, Any]:
     """Writes the checkpoint, one tensor in memory at a time. `sparse`: header only, data a hole."""
     start = time.monotonic()
@@ -100,23 +122,8 @@ def generate(layout: str, path: str, scale: float, sparse: bool) -> dict[str, An
     shapes = expected_shapes(arch)
     weights = None if sparse else RandomWeights()
 
-    def write_file(file: str, tensors: list[tuple[str, tuple[int, ...]]], fetch) -> None:
-        plan = [PlannedTensor(n, torch.bfloat16, s) for n, s in tensors]
-        if sparse:
-            with open(file, "wb") as f:
-                f.write(encode_header(plan, {}))
-                f.truncate(f.tell() + sum(t.nbytes for t in plan))
-            return
-        writer = StreamingWriter(file, plan, {}, reserve=0)
-        try:
-            for n, _ in tensors:
-                writer.write(n, fetch(n))
-            writer.finish()
-        finally:
-            writer.close()
-
     if layout == "bfl":
-        write_file(path, list(shapes.items()), lambda n: weights.get(n, shapes[n]))
+        write_tensors(path, list(shapes.items()), lambda n: weights.get(n, shapes[n]), sparse)
     else:
         os.makedirs(path, exist_ok=True)
         parts = diffusers_tensors(arch)
@@ -141,7 +148,7 @@ def generate(layout: str, path: str, scale: float, sparse: bool) -> dict[str, An
         weight_map = {}
         for i, shard in enumerate(shards):
             file = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            write_file(os.path.join(path, file), shard, fetch)
+            write_tensors(os.path.join(path, file), shard, fetch, sparse)
             weight_map.update(dict.fromkeys((n for n, _ in shard), file))
         total = sum(2 * math.prod(s) for _, s, *_ in parts)
         with open(os.path.join(path, DIFFUSERS_INDEX), "w") as f:
@@ -301,7 +308,7 @@ def main() -> None:
         "ratio",
         "mean SQNR dB",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    lines = [markdown_table(head, rows)]
     if not args.dry_run and len(outputs) == 2:
         same = same_tensors(outputs["bfl"], outputs["diffusers"])
         lines.append(f"\nBFL and diffusers outputs identical (tensors and metadata except source): {same}")

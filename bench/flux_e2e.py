@@ -27,22 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from report_table import emit  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 from bitkernel.nn import TernaryLinear  # noqa: E402
+from converter.architecture import FLUX1_DEV  # noqa: E402
 from converter.flux_model import Flux, FluxConfig, make_img_ids, make_txt_ids  # noqa: E402
 
-FLUX_DEV = FluxConfig(
-    in_channels=64,
-    vec_in_dim=768,
-    context_in_dim=4096,
-    hidden_size=3072,
-    mlp_ratio=4.0,
-    num_heads=24,
-    depth=19,
-    depth_single_blocks=38,
-    axes_dim=(16, 56, 56),
-    theta=10_000,
-    qkv_bias=True,
-    guidance_embed=True,
-)
+FLUX_DEV = FluxConfig.from_dict(FLUX1_DEV.to_dict())
 VARIANTS = {"bf16": None, "w158a16": False, "w158a8": True}  # value: act_int8 of the ternary layers
 
 

@@ -36,6 +36,7 @@ from testbed.calibration_data import testbed_conditioning  # noqa: E402
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
 from testbed.prompts import eval_items, eval_prompts  # noqa: E402
+from testbed.sampling import DEFAULT_GUIDANCE  # noqa: E402
 from testbed.scenes import CATEGORIES  # noqa: E402
 
 # method name -> converter arguments; "calibration" holds CalibrationSettings fields (the conditioning
@@ -110,16 +111,12 @@ def main() -> None:
     ap.add_argument("--files", nargs="*", default=[], help="already converted bitflux files to score too")
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=None, help="default: the training log's best guidance, or 3.5")
+    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"default {DEFAULT_GUIDANCE}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calib-prompts", type=int, default=256, help="testbed calibration prompts for calibrated methods")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     args = ap.parse_args()
-    if args.guidance is None:
-        from testbed.sampling import DEFAULT_GUIDANCE
-
-        args.guidance = DEFAULT_GUIDANCE
     fp_path = os.path.join(args.weights, FLUX_FILE)
     te = load_text_encoder(os.path.join(args.weights, TEXT_FILE), args.device)
     cats = [it.spec.category for it in eval_items(args.n, args.seed)]

@@ -23,6 +23,12 @@ def command_line() -> str:
     return " ".join(["python3", f"bench/{os.path.basename(sys.argv[0])}", *out])
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: header row, separator, one line per row (no trailing newline)."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def emit(table: str, path: Optional[str]) -> None:
     print("\n" + table)
     if path:

@@ -12,6 +12,7 @@ has 256 tokens, more for long prompts), and writes
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -19,26 +20,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-try:  # the repository root as one package inside ComfyUI (as comfy_nodes/fileformat.py explains)
-    from ..converter.calibration.conditioning import (  # type: ignore[import-not-found]
-        FLOAT_DTYPES,
-        CalibrationConditioning,
-        default_prompts,
-        flux_image_tokens,
-        parse_prompts,
-        save_conditioning,
-        stack_contexts,
-    )
-except ImportError:  # comfy_nodes imported as a top-level package (tests, scripts)
-    from converter.calibration.conditioning import (
-        FLOAT_DTYPES,
-        CalibrationConditioning,
-        default_prompts,
-        flux_image_tokens,
-        parse_prompts,
-        save_conditioning,
-        stack_contexts,
-    )
+if __package__ == "comfy_nodes":  # imported as a top-level package (tests, scripts); see fileformat.py
+    from converter.calibration import conditioning
+else:  # inside ComfyUI: the converter is a sibling package
+    from ..converter.calibration import conditioning  # type: ignore[import-not-found]
 
 FLUX_CONTEXT_DIM = 4096  # T5-XXL's width: FLUX.1's context_in_dim
 FLUX_POOLED_DIM = 768  # CLIP-L's pooled width: FLUX.1's vec_in_dim
@@ -46,9 +31,11 @@ ENCODER_NAME = "comfyui t5xxl+clip_l"
 FILE_EXT = ".safetensors"
 
 
+@functools.lru_cache(maxsize=1)
 def default_prompt_text() -> str:
-    """The prompts widget's default: the shipped list, one prompt per line."""
-    return "\n".join(default_prompts())
+    """The prompts widget's default: the shipped list, one prompt per line (read once: ComfyUI rebuilds the
+    node's inputs, and with them this default, for every prompt it validates)."""
+    return "\n".join(conditioning.default_prompts())
 
 
 def check_flux_clip(context: torch.Tensor, pooled: Optional[torch.Tensor]) -> None:
@@ -91,17 +78,23 @@ def _check_inputs(clip: Any, prompts: list[str], width: int, height: int, guidan
         )
     if not math.isfinite(guidance):
         raise ValueError(f"guidance must be a finite number, got {guidance}")
-    return flux_image_tokens(width, height)
+    return conditioning.flux_image_tokens(width, height)
+
+
+def _file_tensor(t: torch.Tensor) -> torch.Tensor:
+    """One prompt's encoder output on the CPU, in a dtype the file holds (float16 / bfloat16 / float32; ComfyUI
+    returns float32)."""
+    return t[0].to("cpu") if t.dtype in conditioning.FLOAT_DTYPES else t[0].to("cpu", torch.float32)
 
 
 def encode_prompts(
-    clip: Any, prompts: list[str], width: int, height: int, guidance: float,
+    clip: Any, prompts: list[str], image_tokens: tuple[int, int], guidance: float,
     progress: Optional[Callable[[int, int], None]] = None,
-) -> CalibrationConditioning:
-    """Each prompt through ComfyUI's CLIPTextEncode path; raises ValueError for a CLIP that is not FLUX.1's."""
+) -> conditioning.CalibrationConditioning:
+    """Each prompt through ComfyUI's CLIPTextEncode path (inputs checked by _check_inputs); raises ValueError for
+    a CLIP that is not FLUX.1's."""
     import comfy.model_management
 
-    image_tokens = _check_inputs(clip, prompts, width, height, guidance)
     contexts, pooled = [], []
     for i, text in enumerate(prompts):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -109,14 +102,13 @@ def encode_prompts(
         context, vec = clip.encode_from_tokens(tokens, return_pooled=True)
         if i == 0:  # every prompt goes through the same encoders: checking the first one is enough
             check_flux_clip(context, vec)
-        # The file holds float16 / bfloat16 / float32 only (ComfyUI returns float32).
-        contexts.append(context[0].to("cpu") if context.dtype in FLOAT_DTYPES else context[0].to("cpu", torch.float32))
-        pooled.append(vec[0].to("cpu") if vec.dtype in FLOAT_DTYPES else vec[0].to("cpu", torch.float32))
+        contexts.append(_file_tensor(context))
+        pooled.append(_file_tensor(vec))
         if progress is not None:
             progress(i + 1, len(prompts))
-    txt, txt_len = stack_contexts(contexts)
+    txt, txt_len = conditioning.stack_contexts(contexts)
     del contexts
-    return CalibrationConditioning(
+    return conditioning.CalibrationConditioning(
         txt=txt, vec=torch.stack(pooled), prompts=prompts, encoder=ENCODER_NAME, image_tokens=image_tokens,
         guidance=guidance, txt_len=txt_len,
     )  # fmt: skip
@@ -128,12 +120,12 @@ def write_calibration_file(
     """Encode the prompts (one per line), write the file; returns (path, a summary for the node's UI)."""
     import comfy.utils
 
-    prompts = parse_prompts(prompts_text)
-    _check_inputs(clip, prompts, width, height, guidance)  # bad inputs and names fail before the encoders load
-    path = next_output_path(filename_prefix)
+    prompts = conditioning.parse_prompts(prompts_text)
+    image_tokens = _check_inputs(clip, prompts, width, height, guidance)  # bad inputs fail before the encoders load
+    path = next_output_path(filename_prefix)  # and so does a bad file name
     bar = comfy.utils.ProgressBar(len(prompts))
-    cond = encode_prompts(clip, prompts, width, height, guidance, lambda done, total: bar.update_absolute(done, total))
-    save_conditioning(path, cond)
+    cond = encode_prompts(clip, prompts, image_tokens, guidance, bar.update_absolute)
+    conditioning.save_conditioning(path, cond)
     long = int((cond.txt_len > 256).sum())  # T5 pads to 256 tokens; longer prompts keep all their tokens
     summary = (
         f"{path}\n"

@@ -1,13 +1,15 @@
-"""What both node APIs (V3 and classic) run."""
+"""What both node APIs (V3 and classic) share: texts, input ranges and the loader node's work.
+
+The info and calibration nodes call report.model_report and
+calibration.write_calibration_file / default_prompt_text directly.
+"""
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
-from .calibration import default_prompt_text, write_calibration_file
 from .loader import load_bitflux
 from .names import COMPUTE_DTYPES
-from .report import model_report
 
 LOADER_DESCRIPTION = (
     "Loads a 1.58-bit FLUX transformer converted to a bitflux file (from the diffusion_models folder) into "
@@ -39,7 +41,11 @@ CALIBRATION_TOOLTIPS = {
     "filename_prefix": "File name in the output folder: <prefix>_00001.safetensors, the counter counting up.",
 }
 CALIBRATION_OUTPUT_TOOLTIP = "Full path of the conditioning file written."
+UNET_TOOLTIP = "A bitflux file."
 MAX_CALIBRATION_SIZE = 8192  # pixels per side; FLUX.1 is trained up to about 2 megapixels
+# Options of the calibration node's width / height and guidance widgets (keyword names both APIs take).
+CALIBRATION_SIZE = {"default": 1024, "min": 16, "max": MAX_CALIBRATION_SIZE, "step": 16}
+CALIBRATION_GUIDANCE = {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}
 
 
 def diffusion_model_files() -> list[str]:
@@ -48,10 +54,17 @@ def diffusion_model_files() -> list[str]:
     return folder_paths.get_filename_list("diffusion_models")
 
 
-def check_choices(unet_name: str, compute_dtype: str) -> Union[bool, str]:
-    """True, or what is wrong with the loader's inputs (ComfyUI shows it before running anything)."""
+def _dtype_problem(compute_dtype: str) -> Optional[str]:
     if compute_dtype not in COMPUTE_DTYPES:
         return f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}"
+    return None
+
+
+def check_choices(unet_name: str, compute_dtype: str) -> Union[bool, str]:
+    """True, or what is wrong with the loader's inputs (ComfyUI shows it before running anything)."""
+    problem = _dtype_problem(compute_dtype)
+    if problem is not None:
+        return problem
     if unet_name not in diffusion_model_files():
         return f"{unet_name!r} is not in ComfyUI's diffusion_models folders (models/diffusion_models or models/unet)"
     return True
@@ -60,22 +73,8 @@ def check_choices(unet_name: str, compute_dtype: str) -> Union[bool, str]:
 def load_model(unet_name: str, compute_dtype: str = "default"):
     import folder_paths
 
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    problem = _dtype_problem(compute_dtype)
+    if problem is not None:
+        raise ValueError(problem)
     path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
     return load_bitflux(path, None if compute_dtype == "default" else compute_dtype)
-
-
-def describe_model(model, per_layer: bool = False) -> str:
-    return model_report(model, per_layer)
-
-
-def calibration_prompts_default() -> str:
-    return default_prompt_text()
-
-
-def calibration_file(
-    clip, prompts: str, width: int, height: int, guidance: float, filename_prefix: str
-) -> tuple[str, str]:
-    """(path of the conditioning file written, summary text for the node's UI)."""
-    return write_calibration_file(clip, prompts, width, height, guidance, filename_prefix)

@@ -3,38 +3,20 @@
 ComfyUI imports the repository root as one package, so the converter is a
 sibling package (`..converter`); tests and scripts put the repository root on
 sys.path and import it as `converter`. A relative import keeps the node pack
-from picking up some other custom node's top-level `converter` module.
+from picking up some other custom node's top-level `converter` module; the
+choice follows from this package's own name, so an error inside the converter
+surfaces as itself instead of as a missing top-level `converter`.
 """
 
 from __future__ import annotations
 
-try:
-    from ..converter.fileformat import (  # type: ignore[import-not-found]
-        FORMAT_NAME,
-        FORMAT_VERSION,
-        BitfluxFormatError,
-        BitfluxHeader,
-        LayerSpec,
-        load_tensors,
-        read_header,
-    )
-except ImportError:  # comfy_nodes imported as a top-level package (tests, scripts)
-    from converter.fileformat import (
-        FORMAT_NAME,
-        FORMAT_VERSION,
-        BitfluxFormatError,
-        BitfluxHeader,
-        LayerSpec,
-        load_tensors,
-        read_header,
-    )
+if __package__ == "comfy_nodes":  # imported as a top-level package (tests, scripts)
+    from converter import fileformat as _fileformat
+else:  # inside ComfyUI: <pack>.comfy_nodes
+    from ..converter import fileformat as _fileformat  # type: ignore[import-not-found]
 
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "BitfluxFormatError",
-    "BitfluxHeader",
-    "LayerSpec",
-    "load_tensors",
-    "read_header",
-]
+BitfluxFormatError = _fileformat.BitfluxFormatError
+BitfluxHeader = _fileformat.BitfluxHeader
+LayerSpec = _fileformat.LayerSpec
+load_tensors = _fileformat.load_tensors
+read_header = _fileformat.read_header

@@ -165,10 +165,6 @@ def _check_complete(diffusion_model: torch.nn.Module, header: BitfluxHeader) -> 
         m.patch_key = f"diffusion_model.{name}.weight"
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(t.nelement() * t.element_size() for t in model.state_dict().values())
-
-
 # ---------------------------------------------------------------------- ModelPatcher hooks
 
 

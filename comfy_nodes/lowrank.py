@@ -38,10 +38,6 @@ class LowRank:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    @property
-    def nbytes(self) -> int:
-        return self.down.nelement() * self.down.element_size() + self.up.nelement() * self.up.element_size()
-
     def to(self, device: torch.device, dtype: torch.dtype) -> LowRank:
         return LowRank(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype))
 
@@ -67,12 +63,20 @@ def _lora_weights(adapter: Any) -> Optional[tuple]:
     return weights + (None,) * (6 - len(weights))
 
 
-def is_plain_lora(patch: tuple) -> bool:
-    """Whether one patch can be a side branch (cheap: looks at its kind, not its tensors)."""
+def _plain_lora(patch: tuple) -> Optional[tuple]:
+    """(up, down, alpha) of a patch that can be a side branch, else None (cheap: looks at its kind, not its
+    tensors)."""
     if (len(patch) > 2 and patch[2] != 1.0) or (len(patch) > 4 and patch[4] is not None):
-        return False
+        return None  # strength_model or a patch function: these scale or transform the base weight itself
     weights = _lora_weights(patch[1])
-    return weights is not None and all(w is None for w in weights[3:6])
+    if weights is None or any(w is not None for w in weights[3:6]):
+        return None  # not a LoRA, or one with mid / dora_scale / reshape
+    return weights[:3]
+
+
+def is_plain_lora(patch: tuple) -> bool:
+    """Whether one patch can be a side branch."""
+    return _plain_lora(patch) is not None
 
 
 def lowrank_from_patches(patches: list, out_features: int, in_features: int) -> Optional[LowRank]:
@@ -80,18 +84,11 @@ def lowrank_from_patches(patches: list, out_features: int, in_features: int) -> 
     downs: list[torch.Tensor] = []
     ups: list[torch.Tensor] = []
     for p in patches:
-        strength, adapter = p[0], p[1]
-        strength_model = p[2] if len(p) > 2 else 1.0
-        offset = p[3] if len(p) > 3 else None
-        function = p[4] if len(p) > 4 else None
-        if strength_model != 1.0 or function is not None:
-            return None  # these scale or transform the base weight itself
-        weights = _lora_weights(adapter)
-        if weights is None:
+        lora = _plain_lora(p)
+        if lora is None:
             return None
-        up, down, alpha, mid, dora_scale, reshape = weights[:6]
-        if mid is not None or dora_scale is not None or reshape is not None:
-            return None
+        strength, offset = p[0], (p[3] if len(p) > 3 else None)
+        up, down, alpha = lora
         up = up.flatten(start_dim=1).to(torch.float32)
         down = down.flatten(start_dim=1).to(torch.float32)
         rank = down.shape[0]

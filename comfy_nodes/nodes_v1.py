@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from .calibration import default_prompt_text, write_calibration_file
 from .common import (
     CALIBRATION_DESCRIPTION,
+    CALIBRATION_GUIDANCE,
     CALIBRATION_OUTPUT_TOOLTIP,
+    CALIBRATION_SIZE,
     CALIBRATION_TOOLTIPS,
     DTYPE_TOOLTIP,
     INFO_DESCRIPTION,
     LOADER_DESCRIPTION,
-    MAX_CALIBRATION_SIZE,
-    calibration_file,
-    calibration_prompts_default,
-    describe_model,
+    UNET_TOOLTIP,
     diffusion_model_files,
     load_model,
 )
@@ -28,6 +28,7 @@ from .names import (
     INFO_NODE,
     LOADER_NODE,
 )
+from .report import model_report
 
 
 class BitfluxModelLoader:
@@ -40,7 +41,7 @@ class BitfluxModelLoader:
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
         return {
             "required": {
-                "unet_name": (diffusion_model_files(), {"tooltip": "A bitflux file."}),
+                "unet_name": (diffusion_model_files(), {"tooltip": UNET_TOOLTIP}),
                 "compute_dtype": (list(COMPUTE_DTYPES), {"default": "default", "tooltip": DTYPE_TOOLTIP}),
             }
         }
@@ -62,7 +63,7 @@ class BitfluxModelInfo:
         return {"required": {"model": ("MODEL",), "per_layer": ("BOOLEAN", {"default": False})}}
 
     def describe(self, model, per_layer: bool = False) -> dict[str, Any]:
-        text = describe_model(model, per_layer)
+        text = model_report(model, per_layer)
         return {"ui": {"text": (text,)}, "result": (text,)}
 
 
@@ -78,21 +79,17 @@ class BitfluxCalibrationPrompts:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802
         tips = CALIBRATION_TOOLTIPS
-        size = {"default": 1024, "min": 16, "max": MAX_CALIBRATION_SIZE, "step": 16}
         return {
             "required": {
                 "clip": ("CLIP", {"tooltip": tips["clip"]}),
                 "prompts": (
                     "STRING",
-                    {"multiline": True, "dynamicPrompts": False, "default": calibration_prompts_default(),
+                    {"multiline": True, "dynamicPrompts": False, "default": default_prompt_text(),
                      "tooltip": tips["prompts"]},
                 ),  # fmt: skip
-                "width": ("INT", {**size, "tooltip": tips["width"]}),
-                "height": ("INT", {**size, "tooltip": tips["height"]}),
-                "guidance": (
-                    "FLOAT",
-                    {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": tips["guidance"]},
-                ),
+                "width": ("INT", {**CALIBRATION_SIZE, "tooltip": tips["width"]}),
+                "height": ("INT", {**CALIBRATION_SIZE, "tooltip": tips["height"]}),
+                "guidance": ("FLOAT", {**CALIBRATION_GUIDANCE, "tooltip": tips["guidance"]}),
                 "filename_prefix": ("STRING", {"default": CALIBRATION_PREFIX, "tooltip": tips["filename_prefix"]}),
             }
         }
@@ -101,7 +98,7 @@ class BitfluxCalibrationPrompts:
         self, clip, prompts: str, width: int = 1024, height: int = 1024, guidance: float = 3.5,
         filename_prefix: str = CALIBRATION_PREFIX,
     ) -> dict[str, Any]:
-        path, summary = calibration_file(clip, prompts, width, height, guidance, filename_prefix)
+        path, summary = write_calibration_file(clip, prompts, width, height, guidance, filename_prefix)
         return {"ui": {"text": (summary,)}, "result": (path,)}
 
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io, ui
 
+from .calibration import default_prompt_text, write_calibration_file
 from .common import (
     CALIBRATION_DESCRIPTION,
+    CALIBRATION_GUIDANCE,
     CALIBRATION_OUTPUT_TOOLTIP,
+    CALIBRATION_SIZE,
     CALIBRATION_TOOLTIPS,
     DTYPE_TOOLTIP,
     INFO_DESCRIPTION,
     LOADER_DESCRIPTION,
-    MAX_CALIBRATION_SIZE,
-    calibration_file,
-    calibration_prompts_default,
+    UNET_TOOLTIP,
     check_choices,
-    describe_model,
     diffusion_model_files,
     load_model,
 )
@@ -29,6 +29,7 @@ from .names import (
     INFO_NODE,
     LOADER_NODE,
 )
+from .report import model_report
 
 
 class BitfluxModelLoader(io.ComfyNode):
@@ -40,7 +41,7 @@ class BitfluxModelLoader(io.ComfyNode):
             category=CATEGORY,
             description=LOADER_DESCRIPTION,
             inputs=[
-                io.Combo.Input("unet_name", options=diffusion_model_files(), tooltip="A bitflux file."),
+                io.Combo.Input("unet_name", options=diffusion_model_files(), tooltip=UNET_TOOLTIP),
                 io.Combo.Input("compute_dtype", options=list(COMPUTE_DTYPES), default="default", tooltip=DTYPE_TOOLTIP),
             ],
             outputs=[io.Model.Output()],
@@ -74,7 +75,7 @@ class BitfluxModelInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, per_layer: bool = False) -> io.NodeOutput:
-        text = describe_model(model, per_layer)
+        text = model_report(model, per_layer)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
@@ -82,7 +83,6 @@ class BitfluxCalibrationPrompts(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         tips = CALIBRATION_TOOLTIPS
-        size = {"default": 1024, "min": 16, "max": MAX_CALIBRATION_SIZE, "step": 16}
         return io.Schema(
             node_id=CALIBRATION_NODE,
             display_name=DISPLAY_NAMES[CALIBRATION_NODE],
@@ -92,12 +92,12 @@ class BitfluxCalibrationPrompts(io.ComfyNode):
                 io.Clip.Input("clip", tooltip=tips["clip"]),
                 # dynamic_prompts off: the list is taken literally, {a|b} is not expanded by the frontend.
                 io.String.Input(
-                    "prompts", multiline=True, dynamic_prompts=False, default=calibration_prompts_default(),
+                    "prompts", multiline=True, dynamic_prompts=False, default=default_prompt_text(),
                     tooltip=tips["prompts"],
                 ),  # fmt: skip
-                io.Int.Input("width", **size, tooltip=tips["width"]),
-                io.Int.Input("height", **size, tooltip=tips["height"]),
-                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, tooltip=tips["guidance"]),
+                io.Int.Input("width", **CALIBRATION_SIZE, tooltip=tips["width"]),
+                io.Int.Input("height", **CALIBRATION_SIZE, tooltip=tips["height"]),
+                io.Float.Input("guidance", **CALIBRATION_GUIDANCE, tooltip=tips["guidance"]),
                 io.String.Input("filename_prefix", default=CALIBRATION_PREFIX, tooltip=tips["filename_prefix"]),
             ],
             outputs=[io.String.Output(display_name="path", tooltip=CALIBRATION_OUTPUT_TOOLTIP)],
@@ -109,7 +109,7 @@ class BitfluxCalibrationPrompts(io.ComfyNode):
         cls, clip, prompts: str, width: int = 1024, height: int = 1024, guidance: float = 3.5,
         filename_prefix: str = CALIBRATION_PREFIX,
     ) -> io.NodeOutput:
-        path, summary = calibration_file(clip, prompts, width, height, guidance, filename_prefix)
+        path, summary = write_calibration_file(clip, prompts, width, height, guidance, filename_prefix)
         return io.NodeOutput(path, ui=ui.PreviewText(summary))
 
 

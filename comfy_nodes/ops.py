@@ -178,12 +178,12 @@ class PackedLinearMixin:
         return None
 
     def _bias_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.bias is None:
+            return None
         fns = list(self.bias_function)
         lowvram = getattr(self, "bias_lowvram_function", None)
         if lowvram is not None:
             fns.insert(0, lowvram)
-        if self.bias is None:
-            return None
         # Patch functions add in place: they must get a copy, never the parameter itself.
         bias = self.bias.to(device=x.device, dtype=x.dtype, copy=bool(fns))
         for f in fns:

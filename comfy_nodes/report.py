@@ -52,26 +52,26 @@ def model_report(patcher, per_layer: bool = False) -> str:
         )
 
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # label -> layers, params, bytes
-    adapters = [0, 0, 0]  # layers, max rank, bytes
+    ranks: list[int] = []  # of the low-rank branches stored in the file
+    packed_keys: set[str] = set()  # ModelPatcher keys of the packed layers
     rows = []
     logical = 0
     for name, m in packed_layers(dm):
         n_params = m.in_features * m.out_features
         nbytes = _module_bytes(m)
+        rank = 0
         if m.is_packed:
             label = m.spec.label + (" a8" if m.spec.act == "a8" else "")
+            packed_keys.add(getattr(m, "patch_key", ""))
             if m.lora_down is not None:
                 rank = int(m.lora_down.shape[0])
-                adapters[0] += 1
-                adapters[1] = max(adapters[1], rank)
-                adapters[2] += 2 * rank * (m.in_features + m.out_features)
+                ranks.append(rank)
         else:
             label = "16-bit"
         g = groups[label]
         g[0], g[1], g[2] = g[0] + 1, g[1] + n_params, g[2] + nbytes
         logical += n_params
         if per_layer:
-            rank = int(m.lora_down.shape[0]) if m.is_packed and m.lora_down is not None else 0
             rows.append(
                 f"  {name:<40} {label:<12} {m.out_features}x{m.in_features:<7} {_gib(nbytes):>10}"
                 + (f"  adapter rank {rank}" if rank else "")
@@ -87,10 +87,8 @@ def model_report(patcher, per_layer: bool = False) -> str:
     for label, (count, n_params, nbytes) in sorted(groups.items(), key=lambda kv: -kv[1][2]):
         lines.append(f"  {label:<14} {count:>4} linear layers  {n_params / 1e9:7.3f} B params  {_gib(nbytes):>10}")
     lines.append(f"  {'other':<14} norms and non-linear tensors  {_gib(other):>10}")
-    if adapters[0]:
-        lines.append(
-            f"  quality-recovery low-rank branches in the file: {adapters[0]} layers, rank up to {adapters[1]}"
-        )
+    if ranks:
+        lines.append(f"  quality-recovery low-rank branches in the file: {len(ranks)} layers, rank up to {max(ranks)}")
 
     loaded = patcher.loaded_size()
     dev = patcher.current_loaded_device()
@@ -101,7 +99,6 @@ def model_report(patcher, per_layer: bool = False) -> str:
         f"{patcher.offload_device}; compute dtype {str(compute).replace('torch.', '')}"
     )
 
-    packed_keys = {getattr(m, "patch_key", "") for _, m in packed_layers(dm) if m.is_packed}
     patched = [k for k in patcher.patches if k in packed_keys]
     if patched:
         branch = sum(all(is_plain_lora(p) for p in patcher.patches[k]) for k in patched)

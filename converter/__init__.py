@@ -11,9 +11,28 @@ Loaders import `converter.fileformat` (the container's API); diffusers users
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
 from .errors import ConversionError, InputError
-from .pipeline import convert
-from .report import ConversionReport
+
+if TYPE_CHECKING:
+    from .pipeline import convert
+    from .report import ConversionReport
+
+
+def __getattr__(name: str) -> Any:
+    # The pipeline (and with it the calibration engine) loads on first use: the ComfyUI node pack
+    # imports this package for converter.fileformat alone, at every ComfyUI start.
+    if name == "convert":
+        from .pipeline import convert
+
+        return convert
+    if name == "ConversionReport":
+        from .report import ConversionReport
+
+        return ConversionReport
+    raise AttributeError(f"module 'converter' has no attribute {name!r}")
+
 
 __all__ = ["ConversionError", "ConversionReport", "InputError", "__version__", "convert"]

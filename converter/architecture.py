@@ -53,11 +53,22 @@ class Architecture:
         d["axes_dim"] = list(self.axes_dim)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Architecture:
-        d = dict(d)
-        d["axes_dim"] = tuple(d["axes_dim"])
-        return cls(**d)
+
+# FLUX.1-dev's transformer (the full-size model the benchmarks build with random weights).
+FLUX1_DEV = Architecture(
+    in_channels=64,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=AXES_DIM,
+    theta=THETA,
+    qkv_bias=True,
+    guidance_embed=True,
+)
 
 
 def block_linears(arch: Architecture) -> list[str]:

@@ -87,8 +87,9 @@ def _recognise(keys: list[str], metadata: dict[str, str]) -> str:
     try:
         if "modelspec.architecture" in metadata:
             return f"a {metadata['modelspec.architecture']} model"
-        if "config" in metadata and "architectures" in json.loads(metadata["config"]):
-            return f"a {json.loads(metadata['config'])['architectures']} model"
+        config = json.loads(metadata["config"]) if "config" in metadata else {}
+        if "architectures" in config:
+            return f"a {config['architectures']} model"
     except (ValueError, TypeError):
         pass
     return ""

@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 QUANTIZED_FORMATS = ("ternary", "int8", "int4")
 FORMATS = (*QUANTIZED_FORMATS, "bf16")
 ACTS = ("a16", "a8")
-_WEIGHTS_PER_BYTE = {"ternary": 4, "int8": 1, "int4": 2}
+# bitkernel.formats.WEIGHTS_PER_BYTE, repeated so that reading a header never loads the compiled bitkernel.
+WEIGHTS_PER_BYTE = {"ternary": 4, "int8": 1, "int4": 2}
 REQUIRED_ARCHITECTURE = (
     "in_channels",
     "vec_in_dim",
@@ -194,7 +195,7 @@ def layer_tensors(prefix: str, spec: LayerSpec, out_features: int, in_features: 
     """The tensors (name, dtype, shape) one layer is stored as, in file order (docs/FORMAT.md)."""
     out: list[PlannedTensor] = []
     if spec.quantized:
-        wpb = _WEIGHTS_PER_BYTE[spec.format]
+        wpb = WEIGHTS_PER_BYTE[spec.format]
         groups = 1 if spec.group_size == 0 else -(-in_features // spec.group_size)
         qdtype = torch.int8 if spec.format == "int8" else torch.uint8
         out.append(PlannedTensor(f"{prefix}.qweight", qdtype, (out_features, in_features // wpb)))
@@ -240,7 +241,7 @@ def build_linear(prefix: str, spec: LayerSpec, tensors: dict[str, torch.Tensor])
         assert qweight is not None and scale is not None
         zero = None if spec.symmetric else get("zero")
         qw = QuantizedWeight(
-            spec.format, qweight, scale, zero, qweight.shape[1] * _WEIGHTS_PER_BYTE[spec.format], spec.group_size
+            spec.format, qweight, scale, zero, qweight.shape[1] * WEIGHTS_PER_BYTE[spec.format], spec.group_size
         )
         try:
             module = cls.from_quantized(qw, bias, act_int8=spec.act == "a8")

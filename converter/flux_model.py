@@ -16,15 +16,17 @@ terms in_channels = 12 with patch_size = 2 (see FluxConfig.comfyui_params).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .architecture import AXES_DIM, PATCH_SIZE, THETA, TIME_EMBED_DIM
+
 LATENT_CHANNELS = 12  # 3 RGB channels x 2x2 pixel unshuffle
-PATCH = 2  # FLUX's patchify
+PATCH = PATCH_SIZE  # FLUX's patchify
 
 
 class TorchOps:
@@ -45,8 +47,8 @@ class FluxConfig:
     num_heads: int = 2
     depth: int = 2
     depth_single_blocks: int = 2  # 3 made the bf16 file 16,499,520 B, over the 16,000,000 B limit
-    axes_dim: tuple[int, ...] = (16, 56, 56)
-    theta: int = 10_000
+    axes_dim: tuple[int, ...] = AXES_DIM
+    theta: int = THETA
     qkv_bias: bool = True
     guidance_embed: bool = True
 
@@ -57,7 +59,11 @@ class FluxConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FluxConfig:
-        d = dict(d)
+        """From `to_dict()` or from an architecture dict (a bitflux file's `architecture`
+        metadata, `Architecture.to_dict()`): keys FluxConfig lacks, such as patch_size
+        (fixed at PATCH here), are ignored."""
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
         d["axes_dim"] = tuple(d["axes_dim"])
         return cls(**d)
 
@@ -302,9 +308,11 @@ class Flux(nn.Module):
         self.hidden_size, self.num_heads = p.hidden_size, p.num_heads
         self.pe_embedder = EmbedND(pe_dim, p.theta, p.axes_dim)
         self.img_in = operations.Linear(p.in_channels, p.hidden_size, bias=True, **kw)
-        self.time_in = MLPEmbedder(256, p.hidden_size, operations, **kw)
+        self.time_in = MLPEmbedder(TIME_EMBED_DIM, p.hidden_size, operations, **kw)
         self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size, operations, **kw)
-        self.guidance_in = MLPEmbedder(256, p.hidden_size, operations, **kw) if p.guidance_embed else nn.Identity()
+        self.guidance_in = (
+            MLPEmbedder(TIME_EMBED_DIM, p.hidden_size, operations, **kw) if p.guidance_embed else nn.Identity()
+        )
         self.txt_in = operations.Linear(p.context_in_dim, p.hidden_size, **kw)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias, operations, **kw)
@@ -325,11 +333,11 @@ class Flux(nn.Module):
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("Input img and txt tensors must have 3 dimensions.")
         img = self.img_in(img)
-        vec = self.time_in(timestep_embedding(timesteps, 256))
+        vec = self.time_in(timestep_embedding(timesteps, TIME_EMBED_DIM))
         if self.params.guidance_embed:
             if guidance is None:
                 raise ValueError("Didn't get guidance strength for guidance distilled model.")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, TIME_EMBED_DIM))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
@@ -342,9 +350,12 @@ class Flux(nn.Module):
         img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+        # One concatenation for all single blocks (run_single, per block, is for callers that
+        # run the blocks one at a time).
+        x = torch.cat((txt, img), 1)
         for block in self.single_blocks:
-            img, txt = run_single(block, img, txt, vec, pe)
-        return self.final_layer(img, vec)
+            x = block(x, vec=vec, pe=pe)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
 def run_single(block: SingleStreamBlock, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:

@@ -67,20 +67,19 @@ def quantize_weight(w: torch.Tensor, spec: LayerSpec, method: str) -> QuantizedW
     return F.quantize(w, spec.format, spec.group_size, spec.symmetric, scale)
 
 
+_TERNARY_RULES = {
+    "mse": "per-row (or per-group) MSE-optimal scale and support, exact search over support sizes",
+    "absmean": "BitNet b1.58: scale = mean |w|, round-to-nearest",
+}
+
+
 def method_settings(method: str) -> dict[str, Any]:
     """The `method` metadata entry: the method and what it did."""
-    if method == "mse":
-        return {
-            "name": "mse",
-            "ternary": "per-row (or per-group) MSE-optimal scale and support, exact search over support sizes",
-            "int4_int8": "bitkernel default (absmax) round-to-nearest",
-            "calibration": None,
-        }
-    if method == "absmean":
-        return {
-            "name": "absmean",
-            "ternary": "BitNet b1.58: scale = mean |w|, round-to-nearest",
-            "int4_int8": "bitkernel default (absmax) round-to-nearest",
-            "calibration": None,
-        }
-    raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {METHODS}")
+    return {
+        "name": method,
+        "ternary": _TERNARY_RULES[method],
+        "int4_int8": "bitkernel default (absmax) round-to-nearest",
+        "calibration": None,
+    }

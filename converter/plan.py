@@ -116,6 +116,7 @@ def build_plan(
     every output tensor in model order."""
     shapes = expected_shapes(arch)
     layer_shapes = layer_shapes_of(arch)
+    total_bytes = source.total_bytes()
     if specs is None:
         specs = assign_formats(layer_shapes, rules, default)
     items: list[PlanItem] = []
@@ -148,8 +149,8 @@ def build_plan(
             "sha256": HASH_PLACEHOLDER,
             "layout": source.layout,
             "dtype": source.dtype_summary(),
-            "bytes": source.total_bytes(),
+            "bytes": total_bytes,
         },
         converter_version=__version__,
     )
-    return Plan(arch, items, header, source.total_bytes(), layer_shapes)
+    return Plan(arch, items, header, total_bytes, layer_shapes)

@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from .errors import ConversionError
-from .fileformat import LayerSpec
+from .fileformat import WEIGHTS_PER_BYTE, LayerSpec
 
 DEFAULT_INT4_GROUP = 64
 
@@ -83,7 +83,7 @@ def assign_formats(layers: dict[str, tuple[int, int]], rules: list[Rule], defaul
 def check_fits(name: str, spec: LayerSpec, in_features: int) -> None:
     if not spec.quantized:
         return
-    wpb = {"ternary": 4, "int8": 1, "int4": 2}[spec.format]
+    wpb = WEIGHTS_PER_BYTE[spec.format]
     if in_features % wpb or (spec.group_size and spec.group_size % wpb):
         raise ConversionError(f"layer {name} ({in_features} inputs) cannot be stored as {spec.label}")
     if spec.format == "ternary" and spec.group_size and in_features % spec.group_size:

@@ -204,10 +204,14 @@ def encode_header(tensors: list[PlannedTensor], metadata: dict[str, str], min_le
 HEADER_RESERVE = 256  # header bytes left free for metadata filled in after the data (the source hash)
 
 
+def _reserved_header_length(tensors: list[PlannedTensor], metadata: dict[str, str], reserve: int) -> int:
+    """The length of the header StreamingWriter writes: this metadata's plus `reserve` bytes, aligned."""
+    return len(encode_header(tensors, metadata, len(encode_header(tensors, metadata)) + reserve))
+
+
 def planned_file_size(tensors: list[PlannedTensor], metadata: dict[str, str], reserve: int = HEADER_RESERVE) -> int:
     """The exact size of the file StreamingWriter writes for this plan."""
-    header = encode_header(tensors, metadata, len(encode_header(tensors, metadata)) + reserve)
-    return len(header) + sum(t.nbytes for t in tensors)
+    return _reserved_header_length(tensors, metadata, reserve) + sum(t.nbytes for t in tensors)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -233,7 +237,7 @@ class StreamingWriter:
             raise ValueError("duplicate tensor names in the plan")
         self.path = path
         self.tensors = tensors
-        self._header_len = len(encode_header(tensors, metadata, len(encode_header(tensors, metadata)) + reserve))
+        self._header_len = _reserved_header_length(tensors, metadata, reserve)
         self._next = 0
         self.crcs: dict[str, int] = {}
         self._file: Optional[BinaryIO] = open(path, "xb")  # "x": never overwrite; closed in close()

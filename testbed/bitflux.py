@@ -4,7 +4,6 @@ the quantized linears, so two models can be compared on the same noise."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -22,8 +21,7 @@ def load_bitflux_flux(
     weights and their scales keep the file's layout.
     """
     header = read_header(path)
-    fields = {f.name for f in dataclasses.fields(FluxConfig)}
-    cfg = FluxConfig.from_dict({k: v for k, v in header.architecture.items() if k in fields})
+    cfg = FluxConfig.from_dict(header.architecture)
     tensors = load_tensors(path, device)
     model = Flux(cfg, dtype=dtype, device="meta")
     for prefix, spec in header.layers.items():

@@ -14,9 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from converter.flux_model import (  # noqa: F401  (get_lin_function: re-exported for train.py)
+from converter.flux_model import (
     LATENT_CHANNELS,
-    get_lin_function,
     get_schedule,
     latent_to_image,
     make_img_ids,

@@ -40,13 +40,22 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from converter.flux_model import Flux, FluxConfig, image_to_latent, make_img_ids, make_txt_ids, pack  # noqa: E402
+from converter.flux_model import (  # noqa: E402
+    Flux,
+    FluxConfig,
+    get_lin_function,
+    image_to_latent,
+    make_img_ids,
+    make_txt_ids,
+    pack,
+    time_shift,
+)
 
 from . import resume as ckpt  # noqa: E402
 from .checkpoint import FLUX_FILE, MAX_FILE_BYTES, TEXT_FILE, load_testbed, save_flux, save_text_encoder  # noqa: E402
 from .evaluate import evaluate, format_table, save_grid  # noqa: E402
 from .prompts import allowed_colors, train_specs  # noqa: E402
-from .sampling import DEFAULT_GUIDANCE, LATENT_SIZE, SEQ_LEN, get_lin_function  # noqa: E402
+from .sampling import DEFAULT_GUIDANCE, LATENT_SIZE, SEQ_LEN  # noqa: E402
 from .scenes import CATEGORIES, SpecTable, render, sample_scenes  # noqa: E402
 from .text import TextEncoder  # noqa: E402
 
@@ -127,8 +136,12 @@ class Data:
 
     def timesteps(self, b: int) -> torch.Tensor:
         """Logit-normal t, shifted like the sampling schedule (t = 1 is noise)."""
-        t = torch.sigmoid(self.randn(b))
-        return math.exp(MU) / (math.exp(MU) + (1 / t - 1))
+        return time_shift(MU, 1.0, torch.sigmoid(self.randn(b)))
+
+    def guidance(self, b: int) -> torch.Tensor:
+        """Guidance values uniform in GUIDANCE_RANGE."""
+        lo, hi = GUIDANCE_RANGE
+        return lo + (hi - lo) * self.rand(b)
 
 
 def flow_inputs(data: Data, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,7 +327,7 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict[str,
         x0, tokens = data.batch(args.batch)
         tokens = torch.where(data.rand(args.batch, 1) < args.cond_drop, 0, tokens)
         t, xt, target = flow_inputs(data, x0)
-        g = GUIDANCE_RANGE[0] + (GUIDANCE_RANGE[1] - GUIDANCE_RANGE[0]) * data.rand(args.batch)
+        g = data.guidance(args.batch)
         with amp:
             ctx, vec = encoder(tokens)
             pred = call(net, xt, ctx, vec, t, g)
@@ -387,7 +400,7 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict[str,
                 group["lr"] = lr_at(step, frac, args.distill_lr, 50, floor=0.0)
             x0, tokens = data.batch(args.batch)
             t, xt, _ = flow_inputs(data, x0)
-            g = GUIDANCE_RANGE[0] + (GUIDANCE_RANGE[1] - GUIDANCE_RANGE[0]) * data.rand(args.batch)
+            g = data.guidance(args.batch)
             b = args.batch
             with torch.no_grad(), amp:
                 ctx_c, vec_c = text(tokens)

@@ -16,11 +16,12 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from comfy_standins import random_flux
 from safetensors.torch import save_file
 from torch import nn
 
 from converter.fileformat import BitfluxHeader, LayerSpec
-from converter.flux_model import Flux, FluxConfig
+from converter.flux_model import FluxConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,18 +91,6 @@ def import_comfy() -> Any:
 # ---------------------------------------------------------------------- small models
 
 
-def random_flux(cfg: FluxConfig, seed: int = 0) -> Flux:
-    torch.manual_seed(seed)
-    model = Flux(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".scale"):  # q/k RMSNorm scales
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.05 * torch.randn_like(p))
-    return model
-
-
 def block_linears(model: nn.Module) -> list[str]:
     return [
         n
@@ -165,7 +154,7 @@ def write_bitflux(
 def dense_state_dict(tensors: dict[str, torch.Tensor], header: BitfluxHeader) -> dict[str, torch.Tensor]:
     """The file's weights as dense float32 `.weight` tensors (file adapters merged): what stock ops run."""
     import bitkernel.functional as bkf
-    from bitkernel.formats import QuantizedWeight
+    from bitkernel.formats import WEIGHTS_PER_BYTE, QuantizedWeight
 
     out = {}
     done = set()
@@ -173,7 +162,7 @@ def dense_state_dict(tensors: dict[str, torch.Tensor], header: BitfluxHeader) ->
         if not spec.quantized:
             continue
         qweight = tensors[f"{name}.qweight"]
-        k = qweight.shape[1] * {"ternary": 4, "int8": 1, "int4": 2}[spec.format]
+        k = qweight.shape[1] * WEIGHTS_PER_BYTE[spec.format]
         qw = QuantizedWeight(
             spec.format, qweight, tensors[f"{name}.scale"], tensors.get(f"{name}.zero"), k, spec.group_size
         )

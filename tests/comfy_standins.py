@@ -6,7 +6,8 @@ tests/test_comfy_server.py and bench/comfy_e2e.py).
   CLIP-L and the VAE have their real sizes (ComfyUI's VAE detection hard-codes its widths); with
   `tiny` the T5 keeps T5-XXL's 24 layers (what ComfyUI's detection looks for) at width 64, which
   ComfyUI builds only when its `t5xxl_model_config` model option says so (`small_t5_config` gives it).
-- A small FLUX-architecture checkpoint (converter.flux_model, random) and its converter output: `make_tiny_files`.
+- A small FLUX-architecture checkpoint (converter.flux_model, random: `random_flux`) and its converter output:
+  `make_tiny_files`.
 
 ComfyUI must be importable (its root on sys.path, torch's CPU/GPU choice made) before the writers run;
 nothing here imports it at module level.
@@ -15,6 +16,7 @@ nothing here imports it at module level.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import zlib
@@ -63,9 +65,7 @@ class RandomPool:
         pool = self.pools.get((std, dtype))
         if pool is None:
             pool = self.pools[(std, dtype)] = (self.unit * std).to(dtype)
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         off = zlib.crc32(name.encode()) % self.SIZE
         reps = (off + n) // self.SIZE + 1
         flat = pool.repeat(reps)[off : off + n] if reps > 1 else pool[off : off + n]
@@ -86,9 +86,7 @@ def random_state_dict(module: torch.nn.Module, pool: RandomPool, dtype_of) -> di
         elif t.dim() == 1:
             out[name] = torch.ones(shape, dtype=dtype)
         else:
-            fan_in = 1
-            for s in shape[1:]:
-                fan_in *= s
+            fan_in = math.prod(shape[1:])
             std = 1.0 if "embed" in name or "shared" in name or "relative_attention_bias" in name else fan_in**-0.5
             out[name] = pool.get(name, shape, std, dtype)
     return out
@@ -199,22 +197,30 @@ def small_t5_config(sd: dict[str, torch.Tensor]) -> Optional[dict[str, int]]:
     }
 
 
+def random_flux(cfg: Any, seed: int = 0) -> torch.nn.Module:
+    """converter.flux_model.Flux for `cfg` (a FluxConfig) with small random weights, q/k RMSNorm scales near 1."""
+    from converter.flux_model import Flux
+
+    torch.manual_seed(seed)
+    model = Flux(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith(".scale") else 0.05 * torch.randn_like(p))
+    return model
+
+
 def make_tiny_files(workdir: str, device: str = "cpu", out_name: Optional[str] = None) -> tuple[str, str]:
     """A small FLUX-architecture BFL checkpoint (converter.flux_model, random, bf16) and its converter output
     (default method). Returns (converted path, checkpoint path)."""
     from safetensors.torch import save_file
 
     from converter import convert
-    from converter.flux_model import Flux, FluxConfig
+    from converter.flux_model import FluxConfig
 
     os.makedirs(workdir, exist_ok=True)
     dense = os.path.join(workdir, "tiny-flux-random.safetensors")
     out = os.path.join(workdir, out_name or "tiny-flux-random-bitflux.safetensors")
-    torch.manual_seed(0)
-    model = Flux(FluxConfig(**TINY_FLUX)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith(".scale") else 0.05 * torch.randn_like(p))
+    model = random_flux(FluxConfig(**TINY_FLUX))
     save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, dense)
     convert(dense, out, force=True, progress=False, device=device if device == "cuda" else "cpu")
     return out, dense

@@ -385,11 +385,10 @@ def to_ui(nodes: list[Node]) -> dict[str, Any]:
     in_links: dict[tuple[int, str], int] = {}
     for n in sorted(nodes, key=lambda n: n.id):
         spec = NODE_SPECS.get(n.type, {"inputs": []})
-        for name, typ in spec["inputs"]:
+        for target_slot, (name, typ) in enumerate(spec["inputs"]):
             if name not in n.links:
                 continue
             src, slot = n.links[name]
-            target_slot = [i for i, _ in spec["inputs"]].index(name)
             src_type = NODE_SPECS[by_id[src].type]["outputs"][slot][1]
             if src_type != typ:
                 raise ValueError(f"node {n.id} input {name} is {typ}, node {src} output {slot} is {src_type}")

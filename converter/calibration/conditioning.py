@@ -52,7 +52,6 @@ API:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -64,6 +63,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..atomic import atomic_write
 from ..errors import InputError
 from ..safetensors_io import SafetensorsReader
 
@@ -231,19 +231,8 @@ def save_conditioning(path: PathLike, cond: CalibrationConditioning) -> None:
         "image_tokens": json.dumps(list(cond.image_tokens)),
         "guidance": json.dumps(float(cond.guidance)),
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Same folder as the target: os.replace is then a rename within one filesystem (atomic).
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.partial-{os.getpid()}")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:  # the data must be on disk before the name points to it
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------- reading

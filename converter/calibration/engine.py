@@ -26,7 +26,8 @@ teacher's response to corrupted input.
 from __future__ import annotations
 
 import copy
-import hashlib
+import dataclasses
+import itertools
 import math
 import os
 import time
@@ -42,14 +43,16 @@ from bitkernel.formats import QuantizedWeight
 from ..architecture import Architecture
 from ..errors import ConversionError
 from ..fileformat import LayerSpec
-from ..flux_model import get_schedule
+from ..flux_model import get_schedule, make_img_ids, make_txt_ids
+from ..hashing import BackgroundHasher
 from ..methods import quantize_weight
 from ..progress import Progress
 from ..sources import Source
 from .acts import Acts, PositionCache, micro_batches
-from .conditioning import CalibrationConditioning, load_conditioning
+from .conditioning import load_conditioning
 from .gptq import HessianAccumulator, gptq_ternary
 from .lowrank import svd_lowrank_init
+from .sensitivity import plan_formats
 from .state import INPUTS_FILE, CalibrationState
 from .streamed import StreamedFlux, block_layers, block_names, run_block
 from .student import StudentLinear
@@ -81,12 +84,17 @@ class CalibrationSettings:
     gpu_memory_gb: Optional[float] = None  # cap what calibration may use (default: what the GPU has free)
     state_dir: Optional[str] = None  # default: <output>.calib next to the output
 
-    def key(self, source: Source, cond_sha: str) -> dict[str, Any]:
-        """What makes a saved state reusable: same checkpoint, conditioning and settings."""
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, without where the run keeps its files."""
         d = asdict(self)
         d.pop("state_dir")
-        d.pop("gpu_memory_gb")  # where it runs, not what it computes
         d["candidates"] = list(self.candidates)
+        return d
+
+    def key(self, source: Source, cond_sha: str) -> dict[str, Any]:
+        """What makes a saved state reusable: same checkpoint, conditioning and settings."""
+        d = self.to_dict()
+        d.pop("gpu_memory_gb")  # where it runs, not what it computes
         d["conditioning"] = cond_sha
         # the checkpoint's files by absolute path, size and modification time: another file of the same name
         # (or a rewritten one) must not pick up this run's layers
@@ -99,14 +107,6 @@ class CalibrationResult:
     specs: dict[str, LayerSpec]
     layers: dict[str, LayerResult]  # quantized layers only; bf16 layers are read from the source
     record: dict[str, Any] = field(default_factory=dict)  # the `calibration` metadata entry
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def free_gpu_bytes(device: torch.device, cap_gb: Optional[float] = None) -> int:
@@ -139,7 +139,7 @@ class Calibrator:
         if settings.prompts:
             self.cond = self.cond.select(list(range(min(settings.prompts, len(self.cond)))))
         self.state = CalibrationState(
-            settings.state_dir, settings.key(source, file_sha256(settings.conditioning))
+            settings.state_dir, settings.key(source, BackgroundHasher([settings.conditioning]).result())
         )
         if device.type == "cuda" and settings.gpu_memory_gb:
             total = torch.cuda.get_device_properties(device).total_memory
@@ -168,6 +168,17 @@ class Calibrator:
                 out.store(idx, img, txt)
         return out
 
+    def _propagate(self, block: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
+        """xs <- block(xs) in place; returns the block error against yt measured on the way (block_error's)."""
+        losses = []
+        with torch.no_grad():
+            for idx in self._batches(xs):
+                img, txt, vec = xs.batch(idx, self.device, self.dtype)
+                img, txt = run_block(block, img, txt, vec, self.pos(len(idx), txt.shape[1]))
+                losses.append(self._error(img, txt, idx, yt, last).item())
+                xs.store(idx, img, txt)
+        return sum(losses) / len(losses)
+
     # ------------------------------------------------------------------ 1. teacher trajectories
 
     def capture(self) -> Acts:
@@ -182,7 +193,7 @@ class Calibrator:
         x = torch.randn(p, n_tok, self.arch.in_channels, generator=gen).to(self.device, torch.float32)
         schedule = get_schedule(s.steps, n_tok)
         keep = sorted({round(i * (s.steps - 1) / max(s.timesteps - 1, 1)) for i in range(s.timesteps)})
-        lens = cond.txt_len.long() if cond.txt_len is not None else torch.full((p,), cond.txt.shape[1])
+        lens = cond.txt_len  # int64, filled in by CalibrationConditioning when the file has none
         d, lmax = self.arch.hidden_size, int(lens.max())
         esize = torch.finfo(self.dtype).bits // 8
         store = torch.device("cpu") if self._too_big(len(keep) * p * (n_tok + lmax) * d * esize) else self.device
@@ -200,11 +211,12 @@ class Calibrator:
         with torch.no_grad():
             for step in range(s.steps):
                 t = torch.full((p,), schedule[step], device=self.device)
-                for idx in micro_batches(lens, n_tok + lmax, self.s.micro_batch_tokens):
+                for idx in self._batches(cur):
                     i, length = torch.tensor(idx), int(lens[idx[0]])
                     txt_in = cond.txt[i, :length].to(self.device, self.dtype)
                     img, txt, vec, _ = self.model.embed(
-                        x[i].to(self.dtype), self._img_ids(len(idx)), txt_in, self._txt_ids(len(idx), length),
+                        x[i].to(self.dtype), make_img_ids(len(idx), 2 * h, 2 * w, self.device), txt_in,
+                        make_txt_ids(len(idx), length, self.device),
                         t[i].to(self.dtype), cond.vec[i].to(self.device, self.dtype), guidance[i].to(self.dtype),
                     )
                     cur.store(idx, img, txt)
@@ -216,7 +228,7 @@ class Calibrator:
                 for name in self.blocks:
                     self._forward(self.model.block(name), cur, cur)
                     bar.advance(1, f"teacher step {step + 1}/{s.steps}")
-                for idx in micro_batches(lens, n_tok, self.s.micro_batch_tokens):
+                for idx in self._batches(cur):
                     i = torch.tensor(idx)
                     v = self.model.head(cur.img[i].to(self.dtype), cur.vec[i].to(self.dtype))
                     x[i] = x[i] + (schedule[step + 1] - schedule[step]) * v.float()
@@ -231,17 +243,6 @@ class Calibrator:
     def _too_big(self, nbytes: int) -> bool:
         # two streams (teacher and student) plus the targets: keep them on the GPU only with room to spare
         return self.device.type == "cuda" and 3 * nbytes > self._free() // 3
-
-    def _img_ids(self, b: int) -> Tensor:
-        from ..flux_model import make_img_ids
-
-        h, w = self.cond.image_tokens
-        return make_img_ids(b, 2 * h, 2 * w, self.device)
-
-    def _txt_ids(self, b: int, length: int) -> Tensor:
-        from ..flux_model import make_txt_ids
-
-        return make_txt_ids(b, length, self.device)
 
     # ------------------------------------------------------------------ 3. block-wise fitting
 
@@ -277,8 +278,12 @@ class Calibrator:
             del w, hess
         return out
 
-    def student_block(self, name: str, fp: nn.Module, layers: dict[str, LayerResult]) -> nn.Module:
-        block = copy.deepcopy(fp)
+    def student_block(
+        self, name: str, fp: nn.Module, layers: dict[str, LayerResult], learn_codes: bool = False
+    ) -> nn.Module:
+        """fp with its quantized linears replaced by StudentLinear. Only the module tree is copied: the
+        tensors stay shared with fp (never trained, never modified), so no second copy of the block."""
+        block = copy.deepcopy(fp, memo={id(t): t for t in itertools.chain(fp.parameters(), fp.buffers())})
         for layer, (qw, lora) in layers.items():
             path = layer[len(name) + 1 :]
             parent, _, attr = path.rpartition(".")
@@ -288,19 +293,19 @@ class Calibrator:
                 qw.fmt, qw.qweight.to(self.device), qw.scale.to(self.device),
                 None if qw.zero is None else qw.zero.to(self.device), qw.in_features, qw.group_size,
             )
-            latent = self.model.weight(layer) if self.s.learn_codes and qw.fmt == "ternary" else None
+            latent = old.weight.detach() if learn_codes and qw.fmt == "ternary" else None
             setattr(block.get_submodule(parent) if parent else block, attr, StudentLinear(qw, bias, lora, latent))
         return block
 
-    def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> dict[str, float]:
-        """Adam on the scales and branches; returns the relative block error before and after."""
+    def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
+        """Adam on block `name`'s scales, branches and learned codes; returns its error before training."""
         params_s = [m.log_scale for m in student.modules() if isinstance(m, StudentLinear)]
         params_l = [p for m in student.modules() if isinstance(m, StudentLinear) and m.down is not None
                     for p in (m.down, m.up)]
         params_u = [m.u for m in student.modules() if isinstance(m, StudentLinear) and m.u is not None]
         before = self.block_error(student, xs, yt, last)
         if not self.s.distill_steps or not params_s:
-            return {"before": before, "after": before}
+            return before
         groups = [{"params": params_s, "lr": self.s.scale_lr}]
         if params_l:
             groups.append({"params": params_l, "lr": self.s.lowrank_lr})
@@ -329,12 +334,16 @@ class Calibrator:
                     u.clamp_(-1.5, 1.5)
         for p in params_s + params_l + params_u:
             p.requires_grad_(False)
-        return {"before": before, "after": self.block_error(student, xs, yt, last)}
+        return before
 
     def _loss(self, block: nn.Module, idx: list[int], xs: Acts, yt: Acts, last: bool) -> Tensor:
         img, txt, vec = xs.batch(idx, self.device, self.dtype)
-        ti, tt, _ = yt.batch(idx, self.device, torch.float32)
         oi, ot = run_block(block, img, txt, vec, self.pos(len(idx), txt.shape[1]))
+        return self._error(oi, ot, idx, yt, last)
+
+    def _error(self, oi: Tensor, ot: Tensor, idx: list[int], yt: Acts, last: bool) -> Tensor:
+        """||out - target||^2 / ||target||^2 over the batch's tokens."""
+        ti, tt, _ = yt.batch(idx, self.device, torch.float32)
         err = (oi.float() - ti).pow(2).sum()
         ref = ti.pow(2).sum()
         if not last:  # the last block's text tokens are discarded by the model
@@ -350,15 +359,12 @@ class Calibrator:
     def run(self) -> CalibrationResult:
         t_start = time.monotonic()
         xt = self.capture()
+        plan = None
         if self.s.budget:
-            from .sensitivity import plan_formats
-
             self.specs, plan = plan_formats(self, xt)
-        else:
-            plan = None
         if self.s.lowrank:
             self.specs = {
-                k: LayerSpec(v.format, v.group_size, v.symmetric, v.act, self.s.lowrank) if v.format == "ternary" else v
+                k: dataclasses.replace(v, lora_rank=self.s.lowrank) if v.format == "ternary" else v
                 for k, v in self.specs.items()
             }
         xs = xt.clone_streams()
@@ -369,25 +375,26 @@ class Calibrator:
             t0 = time.monotonic()
             fp = self.model.block(name)
             yt = self._forward(fp, xt)
+            last = i == len(self.blocks) - 1
             if name in self.state.done:
                 layers = self._load_block(name)
+                self._propagate(self.student_block(name, fp, layers), xs, yt, last)
             else:
-                layers = self.quantize_block(name, fp, xs)
-            student = self.student_block(name, fp, layers)
-            if name not in self.state.done:
-                errors[name] = self.distill(name, student, xs, yt, last=i == len(self.blocks) - 1)
+                student = self.student_block(name, fp, self.quantize_block(name, fp, xs), self.s.learn_codes)
+                before = self.distill(name, student, xs, yt, last)
                 layers = {k: m.export() for k, m in self._students(name, student).items()}
+                # measured on what the file holds (export rounds the branch to bf16)
+                errors[name] = {"before": before, "after": self._propagate(student, xs, yt, last)}
                 self.state.finish_block(name, _block_tensors(layers), time.monotonic() - t0)
             results.update(layers)
-            self._forward(student, xs, xs)
             xt = yt
-            del fp, student
+            del fp
             e = errors.get(name, {})
             bar.advance(1, f"{name}: error {e.get('before', float('nan')):.4f} -> {e.get('after', float('nan')):.4f}")
         bar.close()
         self.state.save()
         record = {
-            "settings": {**asdict(self.s), "candidates": list(self.s.candidates), "state_dir": None},
+            "settings": {**self.s.to_dict(), "state_dir": None},
             "conditioning": {
                 "file": os.path.basename(self.s.conditioning), "sha256": self.state.key["conditioning"],
                 "prompts": len(self.cond), "encoder": self.cond.encoder,
@@ -443,5 +450,3 @@ def calibrate(
     cal = Calibrator(source, arch, specs, method, settings, device, progress, pinned)
     return cal.run()
 
-
-__all__ = ["CalibrationConditioning", "CalibrationResult", "CalibrationSettings", "calibrate"]

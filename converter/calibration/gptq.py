@@ -183,8 +183,10 @@ def gptq_ternary(
     h, dead = damped_hessian(hessian, damp, w.device)
     h, hinv = factor_hessian(h, inverse_upper=True)
 
+    # no calibration signal: the paper's choice, these weights cost nothing measured (a new tensor: the caller's
+    # weight stays intact)
+    w = torch.where(dead, torch.zeros((), device=w.device), w)
     work = w.clone()
-    work[:, dead] = 0  # no calibration signal: the paper's choice, these weights cost nothing measured
     s_cols = scale.repeat_interleave(group_size or k, dim=1)
     live = s_cols > 0  # an all-zero group has scale 0 and code 0 (what packing stores)
     safe = torch.where(live, s_cols, torch.ones_like(s_cols))
@@ -204,7 +206,5 @@ def gptq_ternary(
         work[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # the lazy update of later blocks
 
     if refit_scale:
-        w_dead0 = w.clone()
-        w_dead0[:, dead] = 0
-        scale = _refit(w_dead0, h, codes, scale, group_size)
+        scale = _refit(w, h, codes, scale, group_size)
     return pack_ternary(codes, scale, group_size)

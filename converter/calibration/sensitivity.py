@@ -31,12 +31,12 @@ import bitkernel.functional as BF
 from ..fileformat import LayerSpec
 from ..methods import quantize_weight
 from ..rules import parse_format
+from .acts import Acts
 from .mixed import candidate_bytes, format_plan, parse_budget, plan_metadata, solve_assignment
 from .state import SENSITIVITY_FILE
 from .streamed import block_layers
 
 if TYPE_CHECKING:
-    from .acts import Acts
     from .engine import Calibrator
 
 MAX_SAMPLES = 32  # per block: enough to rank layers, a fraction of the calibration time
@@ -79,8 +79,6 @@ def measure(cal: Calibrator, xt: Acts) -> dict[str, dict[str, dict[str, float]]]
 
 
 def _subset(acts: Acts, n: int) -> Acts:
-    from .acts import Acts
-
     # evenly over the set, which is ordered timestep-major: every kept timestep is represented
     idx = torch.linspace(0, len(acts) - 1, min(n, len(acts))).round().long().unique()
     return Acts(acts.img[idx].clone(), acts.txt[idx].clone(), acts.lens[idx], acts.vec[idx])

@@ -19,21 +19,12 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write
 from ..errors import ConversionError
 
 STATE_FILE = "state.json"
 INPUTS_FILE = "inputs.safetensors"
 SENSITIVITY_FILE = "sensitivity.json"
-
-
-def _atomic(path: str, write: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def remove_state(folder: str) -> None:
@@ -72,15 +63,11 @@ class CalibrationState:
         return list(self.data["done"])
 
     def save(self) -> None:
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(self.data, f, indent=1)
-
-        _atomic(os.path.join(self.folder, STATE_FILE), write)
+        self.save_json(STATE_FILE, self.data)
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        _atomic(os.path.join(self.folder, name), lambda tmp: save_file(cpu, tmp))
+        atomic_write(os.path.join(self.folder, name), lambda tmp: save_file(cpu, tmp))
 
     def load_tensors(self, name: str) -> Optional[dict[str, torch.Tensor]]:
         path = os.path.join(self.folder, name)
@@ -89,9 +76,9 @@ class CalibrationState:
     def save_json(self, name: str, obj: Any) -> None:
         def write(tmp: str) -> None:
             with open(tmp, "w") as f:
-                json.dump(obj, f)
+                json.dump(obj, f, indent=1)
 
-        _atomic(os.path.join(self.folder, name), write)
+        atomic_write(os.path.join(self.folder, name), write)
 
     def load_json(self, name: str) -> Any:
         path = os.path.join(self.folder, name)

@@ -11,19 +11,12 @@ serves repeated reads when RAM allows).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
 from ..architecture import DOUBLE_LINEARS, SINGLE_LINEARS, Architecture
 from ..flux_model import DoubleStreamBlock, Flux, FluxConfig, SingleStreamBlock, run_single
 from ..sources import Source
-
-
-def flux_config(arch: Architecture) -> FluxConfig:
-    d = {k: v for k, v in arch.to_dict().items() if k != "patch_size"}
-    return FluxConfig.from_dict(d)
 
 
 def block_names(arch: Architecture) -> list[str]:
@@ -53,7 +46,7 @@ class StreamedFlux:
         self, source: Source, arch: Architecture, device: torch.device, dtype: torch.dtype, resident_bytes: int
     ) -> None:
         self.source, self.arch, self.device, self.dtype = source, arch, device, dtype
-        self.config = flux_config(arch)
+        self.config = FluxConfig.from_dict(arch.to_dict())
         self.model = Flux(self.config, device="meta")
         self.model.double_blocks = nn.ModuleList()  # blocks live in self._resident or are built per use
         self.model.single_blocks = nn.ModuleList()
@@ -88,10 +81,6 @@ class StreamedFlux:
     def weight(self, layer: str) -> Tensor:
         """A block linear's full-precision weight, float32 on the device."""
         return self.source.load(f"{layer}.weight").to(self.device, torch.float32)
-
-    def bias(self, layer: str) -> Optional[Tensor]:
-        key = f"{layer}.bias"
-        return self.source.load(key).to(self.device, torch.float32) if key in self.source.shapes() else None
 
     def embed(self, *args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.model.embed(*args)

@@ -31,7 +31,8 @@ from .formats import (
     num_groups,
 )
 
-# Up to this many rows (tokens) the product is bound by reading the weights.
+# Up to this many rows (tokens) the product is bound by reading the weights. It covers the
+# CUDA-core GEMV's GEMV_MAX_M (4), which serves what the tensor-core kernel does not take.
 SMALL_M = 16
 # From this many rows on, the CPU path expands the weights and uses torch's BLAS.
 CPU_DENSE_M = 64
@@ -138,7 +139,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return out
 
 
-def _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8) -> tuple[str, int, int]:
+def _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8) -> QuantizedWeight:
     if fmt not in _FORMAT_NAMES:
         raise ValueError(f"unknown format code {fmt}")
     name = _FORMAT_NAMES[fmt]
@@ -166,7 +167,7 @@ def _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8) -> t
         )
     if act_int8 and (name == "int4" or group_size):
         raise ValueError("int8 activations need ternary or int8 weights with one scale per row (group_size=0)")
-    return name, k, qw.out_features
+    return qw
 
 
 @torch.library.custom_op("bitkernel::linear", mutates_args=())
@@ -180,11 +181,12 @@ def _linear_op(
     group_size: int,
     act_int8: bool,
 ) -> torch.Tensor:
-    _, k, n = _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8)
+    qw = _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8)
+    k, n = qw.in_features, qw.out_features
     x2 = x.reshape(-1, k)  # a view where it can be: the FP8 path reads strided rows in place
     m = x2.shape[0]
     dev = x.device
-    if dev.type == "cuda" and _use_fp8(fmt, group_size, act_int8, m, dev):
+    if dev.type == "cuda" and _use_fp8(qw.fmt, group_size, act_int8, m, dev):
         y = _linear_fp8(x2, qweight, scale, bias)
         if y is not None:
             return y.reshape(*x.shape[:-1], n)
@@ -195,7 +197,7 @@ def _linear_op(
     if dev.type != "cuda":
         if m >= CPU_DENSE_M and not act_int8:
             # Compute-bound on the CPU too: expand the weights once and let torch's BLAS multiply.
-            w = dequantize(QuantizedWeight(_FORMAT_NAMES[fmt], qweight, scale, zero, k, group_size))
+            w = dequantize(qw)
             y = torch.nn.functional.linear(x2.float(), w, None if bias is None else bias.float())
             return y.to(x.dtype).reshape(*x.shape[:-1], n)
         y = torch.empty(m, n, dtype=x.dtype, device=dev)
@@ -204,17 +206,19 @@ def _linear_op(
     lib = require_cuda()
     with torch.cuda.device(dev):
         stream = _stream(dev)
-        y = torch.empty(m, n, dtype=x.dtype, device=dev)
+        small = 0 < m <= SMALL_M  # memory-bound: the packed weights are streamed once
+        # The kernels write into y; the dense path gets its output from cuBLAS (no unused [M, N] buffer).
+        y = torch.empty(m, n, dtype=x.dtype, device=dev) if act_int8 or small else None
         if act_int8:
-            xq = torch.empty(m, -(-k // 64) * 64, dtype=torch.int8, device=dev)
+            xq = torch.empty(m, _round_up(k, 64), dtype=torch.int8, device=dev)
             xs = torch.empty(m, dtype=torch.float32, device=dev)
             lib.quantize_act_cuda(_ptr(x2), dt, m, k, _ptr(xq), _ptr(xs), stream)
             lib.gemm_s8_cuda(
                 fmt, _ptr(xq), _ptr(xs), m, k, _ptr(qweight), _ptr(scale), n, _ptr(bias), dt, _ptr(y), stream
             )
-        elif 0 < m <= SMALL_M and lib.gemv_tc_cuda(*common, _ptr(y), stream):
-            pass  # memory-bound: packed weights streamed once into tensor cores
-        elif 0 < m <= lib.GEMV_MAX_M:
+        elif small and lib.gemv_tc_cuda(*common, _ptr(y), stream):
+            pass  # into tensor cores
+        elif small and m <= lib.GEMV_MAX_M:
             lib.gemv_cuda(*common, _ptr(y), stream)  # formats and shapes the tensor-core kernel does not take
         else:  # compute-bound: expand the weights to 16 bits for cuBLAS
             w = torch.empty(n, k, dtype=x.dtype, device=dev)
@@ -284,10 +288,10 @@ def _fp8_built_for(index: int) -> bool:
         return bool(require_cuda().fp8_supported())
 
 
-def _use_fp8(fmt: int, group_size: int, act_int8: bool, m: int, dev: torch.device) -> bool:
+def _use_fp8(fmt: str, group_size: int, act_int8: bool, m: int, dev: torch.device) -> bool:
     return (
         act_int8
-        and fp8_path_applies(_FORMAT_NAMES[fmt], group_size, act_int8, m, _capability(dev.index))
+        and fp8_path_applies(fmt, group_size, act_int8, m, _capability(dev.index))
         and dev.index not in _fp8_failed
         and _fp8_built_for(dev.index)
     )
