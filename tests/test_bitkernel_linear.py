@@ -112,7 +112,8 @@ def test_float32_on_cpu_and_empty_batch():
 
 @pytest.mark.parametrize("fmt,group,sym,a8", [c for c in CASES if not c[3]])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k", [(1, 64), (2, 576), (7, 576), (8, 1344), (9, 576), (16, 576)])
+@pytest.mark.parametrize("m,k", [(1, 64), (2, 576), (3, 576), (4, 1344), (7, 576), (8, 1344), (9, 576), (16, 576),
+                                 (1, 2880), (16, 2880)])
 def test_linear_small_m_aligned_shapes(device, fmt, group, sym, a8, dtype, m, k):
     # K a multiple of 64 and M <= 16: the shapes the CUDA tensor-core small-M kernel takes (odd N,
     # a partial last scale group, fewer 64-k chunks than warps).
@@ -120,3 +121,16 @@ def test_linear_small_m_aligned_shapes(device, fmt, group, sym, a8, dtype, m, k)
     qw, bias = make(fmt, group, sym, 131, k, device, gen, dtype)
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     check(x, qw, bias, a8, 2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("group", [0, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 4500, 3072), (2, 4500, 3072), (8, 4500, 3072), (1, 1000, 15360),
+                                   (3, 1000, 15360)])
+def test_ternary_small_m_large_shapes(device, group, dtype, m, n, k):
+    # Wide and deep ternary layers at M <= 16: enough rows for the CUDA kernel's two-tile warps and
+    # long K splits (the grid is sized to one wave of the GPU), against the fp32 reference.
+    gen = torch.Generator().manual_seed(m * 13 + n + k)
+    qw, bias = make("ternary", group, True, n, k, device, gen, dtype)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    check(x, qw, bias, False, 2e-2 if dtype == torch.bfloat16 else 5e-3)

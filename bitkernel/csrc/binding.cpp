@@ -102,11 +102,15 @@ PYBIND11_MODULE(_C, m) {
     gemv_cuda(fmt, ptr<const void>(x), dtype, M, K, ptr<const uint8_t>(q), ptr<const float>(scale),
               ptr<const uint8_t>(zero), group, N, ptr<const void>(bias), ptr<void>(y), stream);
   });
+  // Small M (<= 16) on tensor cores: ternary through gemv_ternary_cuda (every M, canonical layout
+  // decoded in registers), INT4 through gemv_tc_cuda. False: not taken, the caller falls back
+  // (gemv_cuda for M <= GEMV_MAX_M, else the dense path).
   m.def("gemv_tc_cuda", [](int fmt, uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t q, uintptr_t scale,
                            uintptr_t zero, int64_t group, int64_t N, uintptr_t bias, uintptr_t y, uintptr_t stream) {
     check_format(fmt, K, group);
-    return gemv_tc_cuda(fmt, ptr<const void>(x), dtype, M, K, ptr<const uint8_t>(q), ptr<const float>(scale),
-                        ptr<const uint8_t>(zero), group, N, ptr<const void>(bias), ptr<void>(y), stream);
+    auto* kernel = fmt == TERNARY ? gemv_ternary_cuda : gemv_tc_cuda;
+    return kernel(fmt, ptr<const void>(x), dtype, M, K, ptr<const uint8_t>(q), ptr<const float>(scale),
+                  ptr<const uint8_t>(zero), group, N, ptr<const void>(bias), ptr<void>(y), stream);
   });
   m.def("quantize_act_cuda", [](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t xq, uintptr_t xs, uintptr_t stream) {
     quantize_act_cuda(ptr<const void>(x), dtype, M, K, ptr<int8_t>(xq), ptr<float>(xs), stream);

@@ -24,14 +24,21 @@ void quantize_cuda(int fmt, const float* w, int64_t N, int64_t K, int64_t group,
                    bool compute_scale, float* scale, uint8_t* zero, uint8_t* q, uintptr_t stream);
 void dequantize_cuda(int fmt, const uint8_t* q, const float* scale, const uint8_t* zero, int64_t N,
                      int64_t K, int64_t group, void* out, int dtype, uintptr_t stream);
-// Weight-only product for M <= kGemvMaxM: streams the packed weights once. Above
-// that, CUDA cores lose to tensor cores and the caller expands the weights for cuBLAS.
+// Weight-only product for M <= kGemvMaxM on CUDA cores: streams the packed weights once.
+// Serves INT8 and the ternary / INT4 shapes the tensor-core kernels below do not take.
 constexpr int kGemvMaxM = 4;
 void gemv_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
                void* y, uintptr_t stream);
-// Weight-only product for M <= 16 on tensor cores (ternary and INT4, K a multiple
-// of 64, sm_80+). Returns false, doing nothing, for shapes it does not take.
+// Weight-only products for M <= 16 on tensor cores (sm_80+, K a multiple of 64, group 0
+// or a multiple of 64), one per format (the binding's gemv_tc_cuda picks by format). Each
+// returns false, doing nothing, for shapes it does not take; the caller then falls back to
+// gemv_cuda (M <= kGemvMaxM) or the dense path.
+// Ternary in the canonical layout, decoded in registers (cuda/gemv_ternary.cu):
+bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
+                       const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
+                       void* y, uintptr_t stream);
+// INT4 (cuda/gemv_tc.cu):
 bool gemv_tc_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                   const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
                   void* y, uintptr_t stream);

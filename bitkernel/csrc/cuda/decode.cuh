@@ -1,13 +1,21 @@
-// Exact decoding of packed codes to floats without int-to-float conversions
-// (a quarter-rate instruction on recent GPUs, which made the first GEMV
-// compute-bound): a shift and mask put four codes in the four bytes of a word,
+// Exact decoding of packed codes without int-to-float conversions (a
+// quarter-rate instruction on recent GPUs, which made the first GEMV
+// compute-bound), and the tensor-core helpers the small-M kernels share.
+//
+// fp32 (gemv.cu): a shift and mask put four codes in the four bytes of a word,
 // one byte_perm writes a code into the low mantissa byte of the float 2^23
 // (0x4B0000cc = 8388608 + c), and one subtraction of 8388608 + offset gives the
 // weight exactly.
+//
+// 16-bit pairs (gemv_ternary.cu, gemv_tc.cu): a code c OR-ed into the mantissa
+// of a power of two whose ulp is 1 is the number MAGIC + c, so one LOP3
+// (shifted word & mask | MAGIC in both halves) makes a half2 / bfloat162 pair
+// and one packed subtraction of MAGIC + offset gives both weights exactly.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
-#include "common.h"
+#include "cuda/device.cuh"
 
 namespace bitkernel {
 
@@ -35,5 +43,50 @@ __device__ __forceinline__ void decode_word(uint32_t w, float off, float (&out)[
   }
 }
 
+// a - b on two packed 16-bit floats held in 32-bit registers (one HADD2 / HFMA2.BF16).
+template <typename T> __device__ __forceinline__ uint32_t hsub2_bits(uint32_t a, uint32_t b);
+template <> __device__ __forceinline__ uint32_t hsub2_bits<__half>(uint32_t a, uint32_t b) {
+  const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+template <> __device__ __forceinline__ uint32_t hsub2_bits<__nv_bfloat16>(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // no packed bf16 arithmetic before sm_80; the kernels using it are never launched there
+  return 0u;
+#else
+  const __nv_bfloat162 r =
+      __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+#endif
+}
+
+// d += A (16 x 16, row) * B (16 x 8, col) with fp32 accumulation: mma.sync.m16n8k16 (sm_80+).
+// Fragments (g = lane / 4, t = lane % 4): a = {row g, k 2t..2t+1}, {row g+8, k 2t..2t+1},
+// {row g, k 2t+8..2t+9}, {row g+8, k 2t+8..2t+9}; b = {k 2t..2t+1, col g}, {k 2t+8..2t+9, col g};
+// d = {row g, cols 2t, 2t+1}, {row g+8, cols 2t, 2t+1}. In each 32-bit register the lower
+// 16 bits hold the lower k (or col) of the two.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // never launched there: the hosts check for sm_80
+#else
+  if constexpr (std::is_same_v<T, __half>)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Whether the current device runs the mma.m16n8k16 kernels (sm_80+). Host side.
+inline bool device_has_mma16816() {
+  int dev = 0, major = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  return major >= 8;
+}
 
 }  // namespace bitkernel
