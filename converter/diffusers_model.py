@@ -11,12 +11,17 @@ into to_q / to_k / to_v / proj_mlp. Every format stores its scales (and zero
 points) per row or per row-group, so a row slice of the packed tensors is
 exactly the packed form of the row slice of the weight. `norm_out` gets its
 (shift, scale) halves swapped into diffusers' (scale, shift) order.
+
+Piece by piece (bench/flux_e2e.py fills a full-size model one block at a time):
+`empty_transformer(architecture)` gives the model on the meta device,
+`install_tensors(model, architecture, layers, tensors)` puts any subset of a
+file's tensors in, `meta_tensors(model)` lists what is still missing.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 import torch
 from torch import nn
@@ -68,26 +73,33 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def load_diffusers_transformer(
-    path: Union[str, os.PathLike],
-    device: Union[str, torch.device] = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-) -> Any:
-    """Builds a diffusers FluxTransformer2DModel from a bitflux file: block linears as bitkernel
-    modules (packed weights, float32 scales), everything else in `dtype`, on `device`."""
+def empty_transformer(architecture: dict[str, Any]) -> Any:
+    """diffusers' FluxTransformer2DModel for a bitflux architecture, on the meta device (no memory):
+    `install_tensors` fills it."""
     from diffusers import FluxTransformer2DModel
 
-    header = read_header(path)
-    arch = header.architecture
-    config = diffusers_config(arch)
-    tensors = load_tensors(path, device)
-    hidden = arch["hidden_size"]
-    mlp_hidden = int(hidden * float(arch["mlp_ratio"]))
+    config = diffusers_config(architecture)
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
+        return FluxTransformer2DModel(**config)
 
-    linears = keymap.linear_map(arch["depth"], arch["depth_single_blocks"])
-    for prefix, spec in header.layers.items():
+
+def install_tensors(
+    model: nn.Module,
+    architecture: dict[str, Any],
+    layers: Mapping[str, LayerSpec],
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Puts tensors in BFL keys (all of a bitflux file's, or one block's) into a FluxTransformer2DModel:
+    each layer of `layers` becomes bitkernel modules (or nn.Linear for "bf16") split by rows into
+    diffusers' linears, from its stored tensors; every other tensor is assigned to its diffusers
+    parameter. Tensors stay on their device; 16-bit ones are cast to `dtype` (packed codes, scales and
+    zero points untouched)."""
+    a = architecture
+    hidden = a["hidden_size"]
+    mlp_hidden = int(hidden * float(a["mlp_ratio"]))
+    linears = keymap.linear_map(a["depth"], a["depth_single_blocks"])
+    for prefix, spec in layers.items():
         targets = linears.get(prefix)
         if targets is None:
             raise BitfluxFormatError(f"layer {prefix} has no counterpart in diffusers' FluxTransformer2DModel")
@@ -96,8 +108,8 @@ def load_diffusers_transformer(
             _set_module(model, target, build_linear(prefix, spec, _cast(part, dtype)))
 
     state: dict[str, torch.Tensor] = {}
-    layer_tensor_names = {n for n in tensors if n.rsplit(".", 1)[0] in header.layers}
-    mapping = keymap.tensor_map(arch["depth"], arch["depth_single_blocks"])
+    layer_tensor_names = {n for n in tensors if n.rsplit(".", 1)[0] in layers}
+    mapping = keymap.tensor_map(a["depth"], a["depth_single_blocks"])
     for name, t in tensors.items():
         if name in layer_tensor_names:
             continue
@@ -106,7 +118,25 @@ def load_diffusers_transformer(
             raise BitfluxFormatError(f"tensor {name} has no counterpart in diffusers' FluxTransformer2DModel")
         state[m.diffusers[0]] = (keymap.swap_halves(t) if m.swap_halves else t).to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers not filled yet (still on the meta device)."""
+    return [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+
+
+def load_diffusers_transformer(
+    path: Union[str, os.PathLike],
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> Any:
+    """Builds a diffusers FluxTransformer2DModel from a bitflux file: block linears as bitkernel
+    modules (packed weights, float32 scales), everything else in `dtype`, on `device`."""
+    header = read_header(path)
+    model = empty_transformer(header.architecture)
+    tensors = load_tensors(path, device)
+    install_tensors(model, header.architecture, header.layers, tensors, dtype)
+    left = meta_tensors(model)
     if left:
         raise BitfluxFormatError(f"the file does not provide {len(left)} diffusers tensors, e.g. {left[:3]}")
     # Cast per tensor above, not with model.to(dtype): no second copy of the weights, and diffusers warns
