@@ -35,14 +35,19 @@ from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_text_encoder  # noqa: 
 from testbed.evaluate import evaluate  # noqa: E402
 
 REDUCED = CPU_CALIBRATION  # the settings demo.py uses on a CPU
+SCALES = {"learn_codes": False}  # what the first table's "base" was: codes frozen at GPTQ's rounding
 VARIANTS = {
-    "base": {},  # GPTQ + scale distillation at scale_lr 2e-3
-    "d300": {"distill_steps": 300},
-    "lr1e-2": {"scale_lr": 1e-2},
+    "default": {},  # the converter's defaults at the reduced settings: GPTQ, scales and codes, no end-to-end stage
+    "base": SCALES,  # GPTQ + scale distillation at scale_lr 2e-3
+    "d300": {**SCALES, "distill_steps": 300},
+    "lr1e-2": {**SCALES, "scale_lr": 1e-2},
     "codes1e-3": {"learn_codes": True, "code_lr": 1e-3},
     "codes5e-3": {"learn_codes": True, "code_lr": 5e-3},
-    "r4": {"lowrank": 4},
+    "r4": {**SCALES, "lowrank": 4},
     "nogptq_codes": {"gptq": False, "learn_codes": True, "code_lr": 1e-3},
+    "a8all": {"a8_keep": 0.0},
+    "a8keep25": {"a8_keep": 0.25},
+    "e2e": {"e2e_steps": 100, "e2e_batch": 16},
 }
 
 

@@ -15,6 +15,7 @@ images against the full-precision model's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -42,18 +43,21 @@ from testbed.scenes import CATEGORIES  # noqa: E402
 # method name -> converter arguments; "calibration" holds CalibrationSettings fields (the conditioning
 # file is made per run from the testbed's calibration split, which never overlaps the evaluation prompts)
 T = {"method": "mse", "default_format": "ternary"}
+NO_CODES, NO_E2E = {"learn_codes": False}, {"e2e_steps": 0}
 METHODS = {
     "int8": {"method": "mse", "default_format": "int8"},
     "int4": {"method": "mse", "default_format": "int4:64"},
-    "gptq+scales+codes": {**T, "calibration": {"learn_codes": True}},
-    "gptq+scales+codes r4": {**T, "calibration": {"learn_codes": True, "lowrank": 4}},
-    "gptq+scales+codes r16": {**T, "calibration": {"learn_codes": True, "lowrank": 16}},
-    "gptq+scales+codes 2.5 bits": {**T, "calibration": {"learn_codes": True, "budget": "2.5bits"}},
-    "gptq+scales+codes a8": {**T, "default_format": "ternary+a8", "calibration": {"learn_codes": True}},
-    "gptq+scales": {**T, "calibration": {}},
-    "gptq+scales r16": {**T, "calibration": {"lowrank": 16}},
-    "gptq only": {**T, "calibration": {"distill_steps": 0}},
-    "scales only": {**T, "calibration": {"gptq": False}},
+    # the converter's default --calibrate: GPTQ, scales and codes per block, then end to end
+    "gptq+scales+codes+e2e (default)": {**T, "calibration": {}},
+    "gptq+scales+codes+e2e a8": {**T, "default_format": "ternary+a8", "calibration": {}},
+    "gptq+scales+codes+e2e r16": {**T, "calibration": {"lowrank": 16}},
+    "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits"}},
+    "gptq+scales+codes": {**T, "calibration": NO_E2E},
+    "gptq+scales+e2e": {**T, "calibration": NO_CODES},
+    "gptq+scales": {**T, "calibration": {**NO_CODES, **NO_E2E}},
+    "gptq+scales r16": {**T, "calibration": {**NO_CODES, **NO_E2E, "lowrank": 16}},
+    "gptq only": {**T, "calibration": {**NO_CODES, **NO_E2E, "distill_steps": 0}},
+    "scales only": {**T, "calibration": {**NO_CODES, **NO_E2E, "gptq": False}},
     "mse": T,
     "absmean": {"method": "absmean", "default_format": "ternary"},
 }
@@ -104,6 +108,18 @@ def run(model, te, args, cats, gen, ref_images=None) -> dict:
     return res
 
 
+def _setting(kv: str) -> tuple[str, object]:
+    """FIELD=VALUE of CalibrationSettings, VALUE parsed as the field's default's type."""
+    key, _, value = kv.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(CalibrationSettings)}
+    if key not in fields or key in ("conditioning", "state_dir"):
+        raise SystemExit(f"--set {kv}: not a calibration setting ({', '.join(sorted(fields))})")
+    default = fields[key].default
+    if isinstance(default, bool):
+        return key, value.lower() in ("1", "true", "yes")
+    return key, type(default)(value) if default is not None else value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="testbed/weights")
@@ -115,15 +131,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calib-prompts", type=int, default=256, help="testbed calibration prompts for calibrated methods")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="override CalibrationSettings fields of every calibrated method, e.g. e2e_steps=500")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     args = ap.parse_args()
+    overrides = dict(_setting(kv) for kv in args.set)
     fp_path = os.path.join(args.weights, FLUX_FILE)
     te = load_text_encoder(os.path.join(args.weights, TEXT_FILE), args.device)
     cats = [it.spec.category for it in eval_items(args.n, args.seed)]
     gen = torch.Generator().manual_seed(0)
 
-    rows = [("full precision (bf16 file)", os.path.getsize(fp_path), run(load_flux(fp_path, args.device), te, args,
-                                                                         cats, gen))]
+    rows = [("full precision (bf16 file)", os.path.getsize(fp_path),
+             run(load_flux(fp_path, args.device), te, args, cats, gen), None)]
     ref = rows[0][2]["images"]
     print(f"full precision: {rows[0][2]['overall'] * 100:.1f}%", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,30 +154,38 @@ def main() -> None:
         todo = [(m, os.path.join(tmp, f"{m.replace(' ', '_')}.safetensors")) for m in args.methods]
         todo += [(f, f) for f in args.files]
         for name, path in todo:
-            seconds = 0.0
+            seconds = None
             if name in METHODS:
                 kw = dict(METHODS[name])
                 if "calibration" in kw:
-                    kw["calibration"] = CalibrationSettings(cond, **kw["calibration"])
+                    kw["calibration"] = CalibrationSettings(cond, **{**kw["calibration"], **overrides})
                 t0 = time.monotonic()
                 convert(fp_path, path, progress=False, device=args.device, **kw)
                 seconds = time.monotonic() - t0
             model = load_bitflux_flux(path, args.device)
-            rows.append((name, os.path.getsize(path), run(model, te, args, cats, gen, ref)))
-            print(f"{name}: {rows[-1][2]['overall'] * 100:.1f}% (conversion {seconds:.0f} s)", flush=True)
+            rows.append((name, os.path.getsize(path), run(model, te, args, cats, gen, ref), seconds))
+            print(f"{name}: {rows[-1][2]['overall'] * 100:.1f}% (conversion {seconds or 0:.0f} s)", flush=True)
+            if args.out:  # the rows so far, in case the run is cut short
+                emit(table(args, rows, overrides), args.out, quiet=True)
+    emit(table(args, rows, overrides), args.out)
 
+
+def table(args: argparse.Namespace, rows: list, overrides: dict) -> str:
+    """rows: (name, file bytes, run() result, conversion seconds or None)."""
     head = (f"Testbed model ({args.weights}), {args.n} held-out prompts, {args.steps} steps, guidance "
             f"{args.guidance}, seed {args.seed}, device {args.device}. Accuracy in % with 95% bootstrap "
-            f"intervals; PSNR (dB) / SSIM against the full-precision images on the same noise.\n\n")
+            f"intervals; PSNR (dB) / SSIM against the full-precision images on the same noise."
+            + (f" Calibration overrides: {overrides}." if overrides else "") + "\n\n")
     cols = ["overall", *[c for c in CATEGORIES if c in rows[0][2]["categories"]]]
-    lines = ["| model | file MB | " + " | ".join(cols) + " | PSNR | SSIM |", "|" + "---|" * (len(cols) + 4)]
-    for name, size, r in rows:
+    lines = ["| model | file MB | " + " | ".join(cols) + " | PSNR | SSIM | convert s |",
+             "|" + "---|" * (len(cols) + 5)]
+    for name, size, r, seconds in rows:
         accs = [r["overall"] if c == "overall" else r["categories"][c] for c in cols]
         cells = [f"{a * 100:.1f} [{r['ci'][c][0] * 100:.1f}, {r['ci'][c][1] * 100:.1f}]" for a, c in zip(accs, cols)]
         q = [f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"] if "psnr" in r else ["-", "-"]
-        lines.append(f"| {name} | {size / 1e6:.2f} | " + " | ".join(cells) + " | " + " | ".join(q) + " |")
-    table = head + "\n".join(lines) + "\n"
-    emit(table, args.out)
+        t = "-" if seconds is None else f"{seconds:.0f}"
+        lines.append(f"| {name} | {size / 1e6:.2f} | " + " | ".join(cells) + " | " + " | ".join(q) + f" | {t} |")
+    return head + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def emit(table: str, path: Optional[str]) -> None:
-    print("\n" + table)
+def emit(table: str, path: Optional[str], quiet: bool = False) -> None:
+    if not quiet:
+        print("\n" + table)
     if path:
         with open(path, "w") as f:
             f.write(f"Command: `{command_line()}`\n\n{table}")

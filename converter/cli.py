@@ -71,9 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-timesteps", type=int, help="samples kept per trajectory (default 4)")
     c.add_argument("--no-gptq", action="store_true", help="plain rounding instead of GPTQ")
     c.add_argument("--distill-steps", type=int, help="Adam steps per block on the scales (default 300; 0: none)")
-    c.add_argument("--learn-codes", action="store_true", help="distil the ternary codes too, not only the scales")
+    c.add_argument(
+        "--no-learn-codes", action="store_true",
+        help="distil only the scales (and branch); by default the ternary codes are learned too",
+    )
     c.add_argument(
         "--lowrank", type=int, default=0, metavar="R", help="bf16 low-rank branch of rank R on ternary layers"
+    )
+    c.add_argument(
+        "--e2e-steps", type=int, metavar="N",
+        help="end-to-end velocity matching over all blocks after the block stage, N Adam steps (default 2000; "
+        "0: off). It holds the whole quantized model on the GPU and is skipped, with a message, where that "
+        "does not fit",
+    )
+    c.add_argument(
+        "--a8-keep", type=float, metavar="FRACTION",
+        help="8-bit activations (W1.58A8: INT8/FP8 tensor cores) on every ternary/int8 layer except this most "
+        "A8-sensitive fraction of them, measured on the calibration set (e.g. 0.25; 0: all)",
     )
     c.add_argument(
         "--budget",
@@ -98,8 +112,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory)
-    calib_flags = (args.calib_data, args.budget, args.lowrank, args.calib_dir, args.no_gptq, args.learn_codes,
+    tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,
+              args.e2e_steps, args.a8_keep)
+    calib_flags = (args.calib_data, args.budget, args.lowrank, args.calib_dir, args.no_gptq, args.no_learn_codes,
                    args.keep_calib_dir)
     if not args.calibrate and (any(calib_flags) or any(v is not None for v in tuning)):
         print("error: calibration options need --calibrate", file=sys.stderr)
@@ -123,12 +138,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             "steps": args.calib_steps,
             "timesteps": args.calib_timesteps,
             "distill_steps": args.distill_steps,
+            "e2e_steps": args.e2e_steps,
+            "a8_keep": args.a8_keep,
         }
         calibration = CalibrationSettings(
             conditioning=args.calib_data,
             **{k: v for k, v in given.items() if v is not None},
             gptq=not args.no_gptq,
-            learn_codes=args.learn_codes,
+            learn_codes=not args.no_learn_codes,
             lowrank=args.lowrank,
             budget=args.budget,
             gpu_memory_gb=args.calib_gpu_memory,

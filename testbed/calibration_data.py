@@ -43,9 +43,10 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights"
 DEFAULT_OUTPUT = os.path.join("out", "testbed_calibration.safetensors")  # out/ is git-ignored
 ENCODER_NAME = "testbed text encoder"
 # Calibration reduced to run on a CPU in minutes (demo.py, bench/calibration_ablation.py): this many
-# prompts and these CalibrationSettings overrides (teacher steps, distillation steps and batch).
+# prompts and these CalibrationSettings overrides (teacher steps, distillation steps and batch; no end-to-end
+# stage: ~2 s a step on a CPU).
 CPU_PROMPTS = 64
-CPU_CALIBRATION = {"steps": 10, "distill_steps": 100, "distill_batch": 16}
+CPU_CALIBRATION = {"steps": 10, "distill_steps": 100, "distill_batch": 16, "e2e_steps": 0}
 # The token grid of the images sampling.sample makes: latent side / FLUX's 2x2 patch.
 IMAGE_TOKENS = (LATENT_SIZE // PATCH, LATENT_SIZE // PATCH)
 assert IMAGE_TOKENS[0] * IMAGE_TOKENS[1] == SEQ_LEN

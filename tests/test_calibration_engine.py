@@ -38,7 +38,8 @@ N_TOK = GRID[0] * GRID[1]
 L = 8  # text tokens of the calibration conditioning
 BLOCKS = ["double_blocks.0", "single_blocks.0"]
 # 6 prompts in the file, the first 4 used; 3 teacher steps, 2 kept: 8 samples
-BASE = dict(prompts=4, steps=3, timesteps=2, distill_steps=20, micro_batch_tokens=256)
+BASE = dict(prompts=4, steps=3, timesteps=2, distill_steps=20, micro_batch_tokens=256, learn_codes=False,
+            e2e_steps=0)
 
 
 def _cond(n: int, context: int, vec: int, seed: int, txt_len=None) -> CalibrationConditioning:
@@ -310,6 +311,168 @@ def test_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, l
     assert _record(out)["samples"] == _record(ref)["samples"] == 8
 
 
+# ---------------------------------------------------------------------------------------------- 4b. end to end
+
+E2E = dict(e2e_steps=40, e2e_batch=1)
+
+
+def _e2e(tiny) -> str:
+    return tiny["converted"]("e2e", keep=True, **E2E)
+
+
+def test_trajectories_are_the_teachers(tiny):
+    """traj_x / traj_v: every step of every prompt's Euler trajectory and the full-precision velocity there,
+    re-sampled here prompt by prompt with the plain model."""
+    tr = load_file(os.path.join(_e2e(tiny) + ".calib", "inputs.safetensors"))
+    c = _cond(6, CFG.context_in_dim, CFG.vec_in_dim, seed=5)
+    steps, p = BASE["steps"], BASE["prompts"]
+    assert tr["traj_x"].shape == (steps * p, N_TOK, CFG.in_channels)
+    noise = torch.randn(p, N_TOK, CFG.in_channels, generator=torch.Generator().manual_seed(0))
+    schedule = get_schedule(steps, N_TOK)
+    fp = tiny["fp"]
+    with torch.no_grad():
+        for i in range(p):
+            x = noise[i : i + 1]
+            for step in range(steps):
+                j = step * p + i
+                assert int(tr["traj_prompt"][j]) == i and float(tr["traj_t"][j]) == pytest.approx(schedule[step])
+                v = fp(img=x, **_args(1, c.txt[i : i + 1], c.vec[i : i + 1], schedule[step]))
+                assert torch.allclose(tr["traj_x"][j], x[0], atol=1e-4, rtol=1e-4), (i, step)
+                assert torch.allclose(tr["traj_v"][j], v[0], atol=1e-4, rtol=1e-4), (i, step)
+                x = x + (schedule[step + 1] - schedule[step]) * v
+
+
+def _trajectory_error(model: torch.nn.Module, tr: dict, c: CalibrationConditioning) -> float:
+    """Mean over trajectory samples of ||v - v_teacher||^2 / ||v_teacher||^2 (the stage's loss, per sample)."""
+    errs = []
+    with torch.no_grad():
+        for j in range(tr["traj_x"].shape[0]):
+            i = int(tr["traj_prompt"][j])
+            v = model(img=tr["traj_x"][j : j + 1], **_args(1, c.txt[i : i + 1], c.vec[i : i + 1],
+                                                            float(tr["traj_t"][j])))
+            vt = tr["traj_v"][j : j + 1]
+            errs.append(float((v - vt).pow(2).sum() / vt.pow(2).sum()))
+    return sum(errs) / len(errs)
+
+
+def test_end_to_end_stage_lowers_the_velocity_error(tiny):
+    """The recorded errors are those of the block-stage file (before) and of the written file (after), on the
+    teacher's trajectories, and the stage also lowers the error on held-out prompts and noise."""
+    path = _e2e(tiny)
+    tr = load_file(os.path.join(path + ".calib", "inputs.safetensors"))
+    c = _cond(6, CFG.context_in_dim, CFG.vec_in_dim, seed=5)  # the conditioning file's prompts
+    rec = _record(path)["e2e_error"]
+    assert rec["samples"] == BASE["steps"] * BASE["prompts"]
+    before = _trajectory_error(load_bitflux_flux(_cal(tiny)), tr, c)
+    after = _trajectory_error(load_bitflux_flux(path), tr, c)
+    assert rec["before"] == pytest.approx(before, rel=1e-3)
+    assert rec["after"] == pytest.approx(after, rel=1e-3)
+    assert after < 0.9 * before, (after, before)
+    fp = tiny["fp"]
+    assert velocity_error(fp, load_bitflux_flux(path)) < velocity_error(fp, load_bitflux_flux(_cal(tiny)))
+    # the block stage is the same run's: the e2e file's block errors are the reference file's
+    assert _record(path)["block_error"] == _record(_cal(tiny))["block_error"]
+
+
+def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_path, monkeypatch):
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E})
+    out = str(tmp_path / "out.safetensors")
+
+    def interrupted(self, results):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "end_to_end", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    quantized = Spy(monkeypatch, Calibrator, "quantize_block")
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
+    assert quantized.calls == []
+    _tensors_equal(out, _e2e(tiny))
+    # a finished stage is loaded, not trained again
+    e2e = Spy(monkeypatch, Calibrator, "end_to_end")
+    os.unlink(out)
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert e2e.calls == [] and quantized.calls == []
+    _tensors_equal(out, _e2e(tiny))
+
+
+def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, capsys):
+    """Learned codes need 17 bytes per weight, frozen ones 1: with room for the frozen codes only the stage
+    trains scales (the block stage's codes are kept), with no room it is skipped; both say so."""
+    ref = tiny["converted"]("codes", learn_codes=True)  # the block stage alone
+    weights = sum(t.numel() for k, t in load_file(tiny["src"]).items()
+                  if k.rpartition(".")[0] in read_header(ref).layers and k.endswith(".weight"))
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 5})
+    for free, expect in ((2 * weights, "scales"), (0, "skipped")):
+        out = str(tmp_path / f"{expect}.safetensors")
+        with monkeypatch.context() as m:
+            m.setattr(Calibrator, "_free", lambda self, free=free: free)
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+        said = capsys.readouterr().out
+        rec, a, b = _record(out)["e2e_error"], load_file(out), load_file(ref)
+        if expect == "skipped":
+            assert "end-to-end stage skipped" in said and rec["skipped"] in said
+            _tensors_equal(out, ref)
+            continue
+        assert "training the scales and branches only" in said and rec["codes"] is False
+        assert rec["after"] < rec["before"]
+        for layer in read_header(ref).layers:
+            assert torch.equal(a[f"{layer}.qweight"], b[f"{layer}.qweight"]), layer
+        assert any(not torch.equal(a[f"{layer}.scale"], b[f"{layer}.scale"]) for layer in read_header(ref).layers)
+
+
+# ---------------------------------------------------------------------------------------------- 4c. A8 plan
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    return torch.clamp(torch.round(x / s), -127, 127) * s
+
+
+def test_a8_keep_leaves_the_most_sensitive_layers_a16(tiny):
+    path = tiny["converted"]("a8half", keep=True, a8_keep=0.5)
+    layers = read_header(path).layers
+    plan = _record(path)["activations"]
+    sens = plan["sensitivity"]
+    assert sorted(sens) == sorted(layers)  # every layer of the tiny model is ternary with row scales: eligible
+    a16 = [k for k, spec in layers.items() if spec.act == "a16"]
+    assert sorted(a16) == plan["a16"] and len(a16) == math.ceil(0.5 * len(layers))
+    assert min(sens[k] for k in a16) >= max(sens[k] for k in layers if k not in a16)
+    # the first block's sensitivities, recomputed here: that layer's input rounded to int8 per token in the
+    # full-precision block, on the captured block-0 inputs (8 samples: all of them)
+    inputs = load_file(os.path.join(path + ".calib", "inputs.safetensors"))
+    img, txt, vec = inputs["img"].float(), inputs["txt"].float(), inputs["vec"].float()
+    fp = tiny["fp"]
+    block = fp.double_blocks[0]
+    pe = fp.pe_embedder(torch.cat((make_txt_ids(8, txt.shape[1]), make_img_ids(8, 2 * GRID[0], 2 * GRID[1])), 1))
+    with torch.no_grad():
+        ri, rt = block(img=img, txt=txt, vec=vec, pe=pe)
+        for layer in [k for k in layers if k.startswith("double_blocks.0.")]:
+            mod = block.get_submodule(layer[len("double_blocks.0."):])
+            hook = mod.register_forward_pre_hook(lambda m, a: (_int8_rows(a[0]),))
+            gi, gt = block(img=img, txt=txt, vec=vec, pe=pe)
+            hook.remove()
+            want = float((gi - ri).pow(2).sum() / ri.pow(2).sum() + (gt - rt).pow(2).sum() / rt.pow(2).sum())
+            assert sens[layer] == pytest.approx(want, rel=1e-3, abs=1e-9), layer
+
+
+def test_a8_layers_are_calibrated_with_their_activations_quantized(tiny):
+    """The recorded block error of an all-A8 file is that of the file run with bitkernel's int8-activation
+    kernels, not of the same layers run with 16-bit activations: calibration trained what the file runs."""
+    path = tiny["converted"]("a8all", keep=True, a8_keep=0.0)
+    assert all(spec.act == "a8" for spec in read_header(path).layers.values())
+    inputs = load_file(os.path.join(path + ".calib", "inputs.safetensors"))
+    model = load_bitflux_flux(path)
+    with_a8 = _block0_error(tiny["fp"], model, inputs)
+    for layer in read_header(path).layers:
+        model.get_submodule(layer).act_int8 = False
+    with_a16 = _block0_error(tiny["fp"], model, inputs)
+    recorded = _record(path)["block_error"]["double_blocks.0"]["after"]
+    assert recorded == pytest.approx(with_a8, rel=1e-3)
+    assert abs(with_a16 - with_a8) > 1e-2 * with_a8
+
+
 # ---------------------------------------------------------------------------------------------- 5. other settings
 
 
@@ -481,14 +644,17 @@ def test_cli_argument_errors(tiny, tmp_path, capsys):
     assert main([tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", missing]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: calibration conditioning file") and "testbed.calibration_data" in err
+    argv = [tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", tiny["cond"]]
+    assert main([*argv, "--a8-keep", "1.5"]) == 2
+    assert "a8_keep must be a fraction in [0, 1], got 1.5" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--keep-calib-dir"], ["--calib-gpu-memory", "4"], ["--distill-steps", "5"], ["--learn-codes"],
-        ["--calib-steps", "5"]
+        ["--keep-calib-dir"], ["--calib-gpu-memory", "4"], ["--distill-steps", "5"], ["--no-learn-codes"],
+        ["--calib-steps", "5"], ["--e2e-steps", "5"], ["--a8-keep", "0.5"],
     ],
     ids=lambda f: f[0],
 )
@@ -503,13 +669,13 @@ def test_cli_calibrates(tiny, tmp_path, capsys):
     argv = [
         tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", tiny["cond"],
         "--calib-prompts", "3", "--calib-steps", "2", "--calib-timesteps", "2", "--no-gptq", "--distill-steps", "5",
-        "--lowrank", "2", "--calib-dir", state, "--keep-calib-dir",
+        "--lowrank", "2", "--calib-dir", state, "--keep-calib-dir", "--e2e-steps", "3", "--no-learn-codes",
     ]
     assert main(argv) == 0
     assert "calibration 6 samples from 3 prompts" in capsys.readouterr().out
     s = _record(out)["settings"]
-    assert (s["prompts"], s["steps"], s["timesteps"], s["gptq"], s["distill_steps"], s["lowrank"]) == (
-        3, 2, 2, False, 5, 2)
+    assert (s["prompts"], s["steps"], s["timesteps"], s["gptq"], s["distill_steps"], s["lowrank"], s["e2e_steps"],
+            s["learn_codes"]) == (3, 2, 2, False, 5, 2, 3, False)
     assert s["state_dir"] is None and s["budget"] is None
     assert all(spec.lora_rank == 2 for spec in read_header(out).layers.values())
     with open(os.path.join(state, "state.json")) as f:

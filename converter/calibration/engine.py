@@ -17,6 +17,14 @@
    - X_s <- block_q(X_s), X_t <- Y_t, and the block's layers go to the state
      folder (an interrupt restarts at the next block).
    Only one block's weights, its Hessians and the activations are on the GPU.
+4. End-to-end velocity matching (optional, `e2e_steps`): every block's scales,
+   branches (and with learn_codes the ternary codes) trained together by Adam
+   on ||v_q(x_t) - v_fp(x_t)||^2 / ||v_fp||^2 over the teacher's trajectories
+   (every step of every trajectory, kept at capture). The block stage fits each
+   block to its teacher block; this stage fits what the sampler sees, the
+   velocity, and lets blocks trade errors. It holds the whole quantized model
+   on the GPU (the codes as int8: ~12 GB for FLUX.1-dev, a float32 latent and
+   Adam state per weight more with learn_codes), so it is for large GPUs.
 
 Targets are the teacher's outputs on the teacher's inputs, so each block also
 learns to undo the error that reached its input, rather than to copy the
@@ -36,6 +44,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import bitkernel.functional as BF
 from bitkernel.formats import QuantizedWeight
@@ -48,12 +57,13 @@ from ..hashing import BackgroundHasher
 from ..methods import quantize_weight
 from ..progress import Progress
 from ..sources import Source
+from .actplan import plan_acts
 from .acts import Acts, PositionCache, micro_batches
 from .conditioning import load_conditioning
 from .gptq import HessianAccumulator, gptq_ternary
 from .lowrank import svd_lowrank_init
 from .sensitivity import plan_formats
-from .state import INPUTS_FILE, CalibrationState
+from .state import E2E_FILE, INPUTS_FILE, CalibrationState
 from .streamed import StreamedFlux, block_layers, block_names, run_block
 from .student import StudentLinear
 
@@ -71,13 +81,17 @@ class CalibrationSettings:
     seed: int = 0
     gptq: bool = True
     distill_steps: int = 300  # per block; 0 disables distillation
-    learn_codes: bool = False  # distil the ternary codes too (straight-through), not only the scales
+    learn_codes: bool = True  # distil the ternary codes too (straight-through), not only the scales
     code_lr: float = 1e-3  # per step, in units of the layer's scale (5e-3 measured worse than no code learning)
     distill_batch: int = 0  # samples per distillation step (0: as many as fit micro_batch_tokens)
     scale_lr: float = 2e-3
     lowrank_lr: float = 3e-4
     lowrank: int = 0  # rank of the bf16 branch on ternary layers
+    e2e_steps: int = 2000  # Adam steps of end-to-end velocity matching over all blocks (0: off)
+    e2e_batch: int = 0  # samples per end-to-end step (0: as many as fit micro_batch_tokens)
+    e2e_lr: float = 1.0  # end-to-end learning rates, as a multiple of the block stage's
     budget: Optional[str] = None  # mixed precision under this size (mixed.parse_budget)
+    a8_keep: Optional[float] = None  # A8 on eligible layers but this most sensitive fraction (None: as specs say)
     candidates: tuple[str, ...] = ("ternary", "int4:64", "int8", "bf16")
     content_weight: float = 1.0  # mixed precision: weight of the text-stream (content) error
     micro_batch_tokens: int = 32768
@@ -130,6 +144,8 @@ class Calibrator:
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.show_progress = progress
         self.blocks = block_names(arch)
+        if settings.a8_keep is not None and not 0 <= settings.a8_keep <= 1:
+            raise ConversionError(f"a8_keep must be a fraction in [0, 1], got {settings.a8_keep}")
         if not os.path.isfile(settings.conditioning):
             raise ConversionError(
                 f"calibration conditioning file {settings.conditioning} not found. Make one with the ComfyUI node "
@@ -151,6 +167,7 @@ class Calibrator:
         h, w = self.cond.image_tokens
         self.pos = PositionCache(self.model.model.pe_embedder, (h, w), device)
         self.seconds: dict[str, float] = {}
+        self.trajectories: dict[str, Tensor] = {}  # traj_x, traj_v, traj_t, traj_prompt (with e2e_steps)
 
     # ------------------------------------------------------------------ helpers
 
@@ -184,6 +201,7 @@ class Calibrator:
     def capture(self) -> Acts:
         saved = self.state.load_tensors(INPUTS_FILE)
         if saved is not None:
+            self.trajectories = {k: v for k, v in saved.items() if k.startswith("traj_")}
             return Acts.from_tensors(saved)
         t0 = time.monotonic()
         cond, s = self.cond, self.s
@@ -202,6 +220,17 @@ class Calibrator:
             torch.zeros(len(keep) * p, lmax, d, device=store, dtype=self.dtype),
             lens.repeat(len(keep)), torch.zeros(len(keep) * p, d, device=store),
         )
+        traj = None
+        if s.e2e_steps:  # every step of every trajectory: the end-to-end stage's inputs and targets
+            shape = (s.steps * p, n_tok, self.arch.in_channels)
+            traj_store = torch.device("cpu") if self._too_big(2 * s.steps * p * n_tok * self.arch.in_channels * esize) \
+                else self.device
+            traj = {
+                "traj_x": torch.zeros(shape, device=traj_store, dtype=self.dtype),
+                "traj_v": torch.zeros(shape, device=traj_store, dtype=self.dtype),
+                "traj_t": torch.tensor(schedule[: s.steps], dtype=torch.float32).repeat_interleave(p),
+                "traj_prompt": torch.arange(p).repeat(s.steps),
+            }
         bar = Progress(s.steps * len(self.blocks), self.show_progress, unit="block passes", per_unit=1)
         guidance = torch.full((p,), cond.guidance, device=self.device)
         cur = Acts(
@@ -231,9 +260,13 @@ class Calibrator:
                 for idx in self._batches(cur):
                     i = torch.tensor(idx)
                     v = self.model.head(cur.img[i].to(self.dtype), cur.vec[i].to(self.dtype))
+                    if traj is not None:
+                        j = (step * p + i).to(traj["traj_x"].device)
+                        traj["traj_x"][j], traj["traj_v"][j] = x[i].to(traj["traj_x"]), v.to(traj["traj_v"])
                     x[i] = x[i] + (schedule[step + 1] - schedule[step]) * v.float()
         bar.close()
-        self.state.save_tensors(INPUTS_FILE, kept.tensors())
+        self.state.save_tensors(INPUTS_FILE, {**kept.tensors(), **(traj or {})})
+        self.trajectories = traj or {}
         self.seconds["capture"] = time.monotonic() - t0
         return kept
 
@@ -294,37 +327,42 @@ class Calibrator:
                 None if qw.zero is None else qw.zero.to(self.device), qw.in_features, qw.group_size,
             )
             latent = old.weight.detach() if learn_codes and qw.fmt == "ternary" else None
-            setattr(block.get_submodule(parent) if parent else block, attr, StudentLinear(qw, bias, lora, latent))
+            student = StudentLinear(qw, bias, lora, latent, self.specs[layer].act == "a8")
+            setattr(block.get_submodule(parent) if parent else block, attr, student)
         return block
 
     def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
         """Adam on block `name`'s scales, branches and learned codes; returns its error before training."""
-        params_s = [m.log_scale for m in student.modules() if isinstance(m, StudentLinear)]
-        params_l = [p for m in student.modules() if isinstance(m, StudentLinear) and m.down is not None
-                    for p in (m.down, m.up)]
-        params_u = [m.u for m in student.modules() if isinstance(m, StudentLinear) and m.u is not None]
         before = self.block_error(student, xs, yt, last)
-        if not self.s.distill_steps or not params_s:
-            return before
-        groups = [{"params": params_s, "lr": self.s.scale_lr}]
-        if params_l:
-            groups.append({"params": params_l, "lr": self.s.lowrank_lr})
-        if params_u:
-            groups.append({"params": params_u, "lr": self.s.code_lr})
-        opt = torch.optim.Adam(groups)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / self.s.distill_steps))
-        )
         batches = self._batches(xs)
         if self.s.distill_batch:
-            batches = [b[j : j + self.s.distill_batch] for b in batches for j in range(0, len(b), self.s.distill_batch)]
+            batches = _split(batches, self.s.distill_batch)
+        self._train(student, self.s.distill_steps, 1.0, batches, lambda idx: self._loss(student, idx, xs, yt, last))
+        return before
+
+    def _train(
+        self, student: nn.Module, steps: int, lr_mult: float, batches: list[list[int]], loss_fn: Any
+    ) -> None:
+        """Adam on the StudentLinears of `student` (log-scales, branches, code latents), cosine schedule."""
+        lins = [m for m in student.modules() if isinstance(m, StudentLinear)]
+        params_s = [m.log_scale for m in lins]
+        params_l = [p for m in lins if m.down is not None for p in (m.down, m.up)]
+        params_u = [m.u for m in lins if m.u is not None]
+        if not steps or not params_s:
+            return
+        groups = [{"params": params_s, "lr": self.s.scale_lr * lr_mult}]
+        if params_l:
+            groups.append({"params": params_l, "lr": self.s.lowrank_lr * lr_mult})
+        if params_u:
+            groups.append({"params": params_u, "lr": self.s.code_lr * lr_mult})
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
         gen = torch.Generator().manual_seed(self.s.seed)
         student.requires_grad_(False)
         for p in params_s + params_l + params_u:
             p.requires_grad_(True)
-        for _ in range(self.s.distill_steps):
-            idx = batches[int(torch.randint(len(batches), (1,), generator=gen))]
-            loss = self._loss(student, idx, xs, yt, last)
+        for _ in range(steps):
+            loss = loss_fn(batches[int(torch.randint(len(batches), (1,), generator=gen))])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -334,7 +372,6 @@ class Calibrator:
                     u.clamp_(-1.5, 1.5)
         for p in params_s + params_l + params_u:
             p.requires_grad_(False)
-        return before
 
     def _loss(self, block: nn.Module, idx: list[int], xs: Acts, yt: Acts, last: bool) -> Tensor:
         img, txt, vec = xs.batch(idx, self.device, self.dtype)
@@ -356,12 +393,118 @@ class Calibrator:
             losses = [self._loss(block, idx, xs, yt, last).item() for idx in self._batches(xs)]
         return sum(losses) / len(losses)
 
+    # ------------------------------------------------------------------ 4. end-to-end velocity matching
+
+    def end_to_end(self, results: dict[str, LayerResult]) -> dict[str, Any]:
+        """Trains every block's StudentLinears together on the teacher's velocities; updates results."""
+        t0 = time.monotonic()
+        tr = self.trajectories
+        if "traj_x" not in tr:
+            raise ConversionError("the captured inputs hold no trajectories; delete the calibration folder")
+        gib, free = 2**30, self._free()
+        codes = self.s.learn_codes
+        if codes and self._e2e_weight_bytes(results, True) > free:
+            codes = False  # FLUX.1-dev's latents and Adam state (~190 GB) fit no single GPU: scales and branches
+            print(f"end-to-end stage: learned codes need {self._e2e_weight_bytes(results, True) / gib:.1f} GiB, "
+                  f"{free / gib:.1f} GiB are free; training the scales and branches only", flush=True)
+        need = self._e2e_weight_bytes(results, codes)
+        if need > free:
+            msg = (f"end-to-end stage skipped: the quantized model needs {need / gib:.1f} GiB on the GPU, "
+                   f"{free / gib:.1f} GiB are free; the file holds the block stage's layers (--e2e-steps 0 "
+                   "silences this)")
+            print(msg, flush=True)
+            return {"skipped": msg}
+        blocks = nn.ModuleList(
+            self.student_block(name, self.model.block(name), _of_block(results, name), codes)
+            for name in self.blocks
+        )
+        lens = self.cond.txt_len[tr["traj_prompt"]]
+        tokens = tr["traj_x"].shape[1] + int(lens.max())
+        batches = micro_batches(lens, tokens, self.s.micro_batch_tokens)
+        if self.s.e2e_batch:
+            batches = _split(batches, self.s.e2e_batch)
+        fit = self._e2e_batch_that_fits(blocks, tokens)
+        if fit < max(len(b) for b in batches):
+            batches = _split(batches, fit)
+        # a fixed sample of batches, the same before and after, measures the stage
+        gen = torch.Generator().manual_seed(self.s.seed + 1)
+        probe = [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)[:16]]
+
+        def error() -> float:
+            with torch.no_grad():
+                return sum(self._velocity_loss(blocks, idx).item() for idx in probe) / len(probe)
+
+        before = error()
+        self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
+                    lambda idx: self._velocity_loss(blocks, idx, grad=True))
+        for name, block in zip(self.blocks, blocks):
+            results.update({k: m.export() for k, m in self._students(name, block).items()})
+        after = error()  # on what the file holds (export rounds the branch to bf16)
+        self.seconds["e2e"] = time.monotonic() - t0
+        return {"before": before, "after": after, "samples": len(lens), "codes": codes,
+                "seconds": round(self.seconds["e2e"], 1)}
+
+    def _e2e_weight_bytes(self, results: dict[str, LayerResult], codes: bool) -> int:
+        """GPU bytes of the trainable quantized model: int8 codes (+ float32 latent, gradient and two Adam
+        moments per ternary weight with learned codes) and the blocks' full-precision tensors."""
+        total = 0
+        for qw, _ in results.values():
+            n, k = qw.scale.shape[0], qw.in_features
+            total += n * k * (1 + (16 if codes and qw.fmt == "ternary" else 0))
+        shapes = self.source.shapes()
+        esize = torch.finfo(self.dtype).bits // 8
+        for key, shape in shapes.items():
+            if key.startswith(("double_blocks.", "single_blocks.")) and key.rpartition(".")[0] not in results:
+                total += math.prod(shape) * esize
+        return total
+
+    def _e2e_batch_that_fits(self, blocks: nn.ModuleList, tokens: int) -> int:
+        """Samples per step that fit next to the model: each keeps one block input per block for the
+        backward (checkpointing) and about 40 hidden-sized tensors inside the block being recomputed."""
+        if self.device.type != "cuda":
+            return 1 << 30
+        per_sample = tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * (len(blocks) + 40)
+        fit = int(self._free() * 0.8) // per_sample
+        if fit < 1:
+            raise ConversionError(
+                f"end-to-end stage: one sample needs {per_sample / 2**30:.1f} GiB of activations, "
+                f"{self._free() / 2**30:.1f} GiB are free; use --e2e-steps 0 or a GPU with more memory"
+            )
+        return fit
+
+    def _velocity_loss(self, blocks: nn.ModuleList, idx: list[int], grad: bool = False) -> Tensor:
+        """||v_q - v_teacher||^2 / ||v_teacher||^2 on trajectory samples idx (one text length)."""
+        tr, cond = self.trajectories, self.cond
+        i = torch.tensor(idx)
+        pr = tr["traj_prompt"][i]
+        length = int(cond.txt_len[pr[0]])
+        h, w = cond.image_tokens
+        dev, dt = self.device, self.dtype
+        img, txt, vec, _ = self.model.embed(
+            tr["traj_x"][i.to(tr["traj_x"].device)].to(dev, dt), make_img_ids(len(idx), 2 * h, 2 * w, dev),
+            cond.txt[pr, :length].to(dev, dt), make_txt_ids(len(idx), length, dev),
+            tr["traj_t"][i].to(dev, dt), cond.vec[pr].to(dev, dt),
+            torch.full((len(idx),), cond.guidance, device=dev, dtype=dt),
+        )
+        pe = self.pos(len(idx), length)
+        for block in blocks:
+            if grad:  # keep one block's activations at a time: the backward recomputes the rest
+                img, txt = checkpoint(run_block, block, img, txt, vec, pe, use_reentrant=False)
+            else:
+                img, txt = run_block(block, img, txt, vec, pe)
+        v = self.model.head(img, vec).float()
+        vt = tr["traj_v"][i.to(tr["traj_v"].device)].to(dev, torch.float32)
+        return (v - vt).pow(2).sum() / vt.pow(2).sum()
+
     def run(self) -> CalibrationResult:
         t_start = time.monotonic()
         xt = self.capture()
         plan = None
         if self.s.budget:
             self.specs, plan = plan_formats(self, xt)
+        act_plan = None
+        if self.s.a8_keep is not None:
+            self.specs, act_plan = plan_acts(self, xt)
         if self.s.lowrank:
             self.specs = {
                 k: dataclasses.replace(v, lora_rank=self.s.lowrank) if v.format == "ternary" else v
@@ -392,6 +535,13 @@ class Calibrator:
             e = errors.get(name, {})
             bar.advance(1, f"{name}: error {e.get('before', float('nan')):.4f} -> {e.get('after', float('nan')):.4f}")
         bar.close()
+        e2e = self.state.data.get("e2e")
+        if self.s.e2e_steps and e2e is None:
+            e2e = self.end_to_end(results)
+            self.state.save_tensors(E2E_FILE, _block_tensors(results))
+            self.state.data["e2e"] = e2e
+        elif e2e is not None:
+            results = self._load_layers(E2E_FILE, list(results))
         self.state.save()
         record = {
             "settings": {**self.s.to_dict(), "state_dir": None},
@@ -402,10 +552,12 @@ class Calibrator:
             },
             "samples": len(xt),
             "block_error": errors,
+            "e2e_error": e2e,
             "seconds": round(time.monotonic() - t_start, 1),
             "stage_seconds": {k: round(v, 1) for k, v in self.seconds.items()},
             "block_seconds": self.state.data["seconds"],
             "mixed_precision": plan,
+            "activations": act_plan,
         }
         return CalibrationResult(self.specs, results, record)
 
@@ -415,20 +567,31 @@ class Calibrator:
         }
 
     def _load_block(self, name: str) -> dict[str, LayerResult]:
-        t = self.state.load_tensors(f"{name}.safetensors")
+        layers = [layer for layer in block_layers(name) if self.specs[layer].quantized]
+        return self._load_layers(f"{name}.safetensors", layers)
+
+    def _load_layers(self, file: str, layers: list[str]) -> dict[str, LayerResult]:
+        t = self.state.load_tensors(file)
         if t is None:
-            raise ConversionError(f"calibration folder {self.state.folder} lost {name}.safetensors; delete the folder")
+            raise ConversionError(f"calibration folder {self.state.folder} lost {file}; delete the folder")
         out: dict[str, LayerResult] = {}
-        for layer in block_layers(name):
+        for layer in layers:
             spec = self.specs[layer]
-            if not spec.quantized:
-                continue
             k = self.source.shapes()[f"{layer}.weight"][1]
             qw = QuantizedWeight(spec.format, t[f"{layer}.qweight"], t[f"{layer}.scale"], t.get(f"{layer}.zero"), k,
                                  spec.group_size)
             lora = (t[f"{layer}.lora_down"], t[f"{layer}.lora_up"]) if f"{layer}.lora_down" in t else None
             out[layer] = (qw, lora)
         return out
+
+
+def _of_block(results: dict[str, LayerResult], name: str) -> dict[str, LayerResult]:
+    return {k: v for k, v in results.items() if k.startswith(name + ".")}
+
+
+def _split(batches: list[list[int]], size: int) -> list[list[int]]:
+    """Micro-batches cut to at most `size` samples."""
+    return [b[j : j + size] for b in batches for j in range(0, len(b), size)]
 
 
 def _block_tensors(layers: dict[str, LayerResult]) -> dict[str, Tensor]:

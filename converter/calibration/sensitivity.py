@@ -48,7 +48,7 @@ def measure(cal: Calibrator, xt: Acts) -> dict[str, dict[str, dict[str, float]]]
     if saved is not None:
         return saved
     t0 = time.monotonic()
-    sub = _subset(xt, MAX_SAMPLES)
+    sub = subset(xt, MAX_SAMPLES)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for bi, name in enumerate(cal.blocks):
         last = bi == len(cal.blocks) - 1
@@ -69,8 +69,8 @@ def measure(cal: Calibrator, xt: Acts) -> dict[str, dict[str, dict[str, float]]]
                 finally:
                     mod.weight.data = original
                 out[layer][label] = {
-                    "quality": _rel(got.img, ref.img),
-                    "content": 0.0 if last else _rel(got.txt, ref.txt),
+                    "quality": rel_error(got.img, ref.img),
+                    "content": 0.0 if last else rel_error(got.txt, ref.txt),
                 }
         sub = ref
     cal.seconds["sensitivity"] = time.monotonic() - t0
@@ -78,13 +78,13 @@ def measure(cal: Calibrator, xt: Acts) -> dict[str, dict[str, dict[str, float]]]
     return out
 
 
-def _subset(acts: Acts, n: int) -> Acts:
+def subset(acts: Acts, n: int) -> Acts:
     # evenly over the set, which is ordered timestep-major: every kept timestep is represented
     idx = torch.linspace(0, len(acts) - 1, min(n, len(acts))).round().long().unique()
     return Acts(acts.img[idx].clone(), acts.txt[idx].clone(), acts.lens[idx], acts.vec[idx])
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp_min(1e-30))
 
 

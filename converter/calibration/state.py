@@ -3,7 +3,9 @@
     state.json              the settings key, blocks finished, the format plan, timings
     inputs.safetensors      the captured block-0 inputs (teacher trajectories are the slowest part to redo)
     sensitivity.json        per-layer sensitivities (mixed precision), once measured
+    act_sensitivity.json    per-layer sensitivities to 8-bit activations (a8_keep), once measured
     <block>.safetensors     one finished block's layers: qweight, scale, zero, lora_down, lora_up
+    e2e.safetensors         every layer after the end-to-end stage, once finished
 
 Every file is written under a temporary name and renamed, so a kill leaves
 either the old or the new file. A folder made with other settings (another
@@ -25,6 +27,8 @@ from ..errors import ConversionError
 STATE_FILE = "state.json"
 INPUTS_FILE = "inputs.safetensors"
 SENSITIVITY_FILE = "sensitivity.json"
+E2E_FILE = "e2e.safetensors"
+ACT_SENSITIVITY_FILE = "act_sensitivity.json"
 
 
 def remove_state(folder: str) -> None:
@@ -34,7 +38,8 @@ def remove_state(folder: str) -> None:
         return
     with open(path) as f:
         done = json.load(f).get("done", [])
-    for name in [INPUTS_FILE, SENSITIVITY_FILE, *(f"{b}.safetensors" for b in done), STATE_FILE]:
+    files = [INPUTS_FILE, SENSITIVITY_FILE, ACT_SENSITIVITY_FILE, E2E_FILE, *(f"{b}.safetensors" for b in done)]
+    for name in [*files, STATE_FILE]:
         p = os.path.join(folder, name)
         if os.path.exists(p):
             os.unlink(p)

@@ -53,6 +53,7 @@ class StreamedFlux:
         prefixes = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
         state = {k: self._load(k) for k in source.shapes() if k.startswith(prefixes)}
         self.model.load_state_dict(state, strict=True, assign=True)
+        self.model.requires_grad_(False)  # the end-to-end stage trains only the quantized layers
         self.resident_budget = resident_bytes
         self._resident: dict[str, nn.Module] = {}
 

@@ -29,6 +29,14 @@ def integer_codes(qw: QuantizedWeight) -> Tensor:
     return c.to(torch.int8)
 
 
+def fake_quant_int8(x: Tensor) -> Tensor:
+    """x rounded as the A8 kernels round it (per row: s = max|x| / 127, round(x / s) in [-127, 127], times s),
+    with a straight-through gradient."""
+    s = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / 127
+    q = (torch.clamp(torch.round(x.detach().float() / s), -127, 127) * s).to(x.dtype)
+    return x + (q - x).detach()
+
+
 def _expand(scale: Tensor, group_size: int, k: int) -> Tensor:
     return scale.repeat_interleave(group_size or k, dim=1)[:, :k]
 
@@ -38,11 +46,12 @@ class StudentLinear(nn.Module):
 
     def __init__(
         self, qw: QuantizedWeight, bias: Optional[Tensor], lora: Optional[tuple[Tensor, Tensor]] = None,
-        latent: Optional[Tensor] = None,
+        latent: Optional[Tensor] = None, act_int8: bool = False,
     ):
-        """`latent`: the full-precision weight of a ternary layer, to learn the codes too (see codes_param)."""
+        """`latent`: the full-precision weight of a ternary layer, to learn the codes too (see _latent_init);
+        `act_int8`: the layer runs with 8-bit activations (A8), so it is trained with them."""
         super().__init__()
-        self.qw = qw
+        self.qw, self.act_int8 = qw, act_int8
         self.register_buffer("codes", integer_codes(qw))
         self.register_buffer("scale0", qw.scale.to(self.codes.device, torch.float32))
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
@@ -87,7 +96,7 @@ class StudentLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype  # the block's compute dtype; the trained parameters stay float32
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = F.linear(x, self.weight(dtype), bias)
+        y = F.linear(fake_quant_int8(x) if self.act_int8 else x, self.weight(dtype), bias)
         if self.down is not None:
             y = y + F.linear(F.linear(x, self.down.to(dtype)), self.up.to(dtype))
         return y

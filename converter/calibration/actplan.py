@@ -1,0 +1,76 @@
+"""Which layers run with 8-bit activations (W1.58A8): all that can, except the most sensitive.
+
+Quantizing a linear's input per token to int8 (docs/FORMAT.md, "Activations")
+lets it run on INT8/FP8 tensor cores, but a few layers feed errors into
+everything after them. Each eligible layer (ternary or int8 weights with one
+scale per row, not pinned by a --rule) is measured alone, as sensitivity.py
+measures formats: its input fake-quantized per token in the full-precision
+block, the block's outputs on the teacher's inputs compared with the exact
+ones (image-token error + content_weight x text-token error). The `a8_keep`
+fraction of eligible layers with the largest error stay A16; the rest become
+A8. Calibration then trains those layers with their activations quantized
+(student.py), so scales, codes and branches compensate for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..fileformat import LayerSpec
+from .sensitivity import MAX_SAMPLES, rel_error, subset
+from .state import ACT_SENSITIVITY_FILE
+from .streamed import block_layers
+from .student import fake_quant_int8
+
+if TYPE_CHECKING:
+    from .engine import Calibrator
+
+def a8_eligible(spec: LayerSpec) -> bool:
+    return spec.format in ("ternary", "int8") and not spec.group_size
+
+
+def measure_acts(cal: Calibrator, xt: Any) -> dict[str, float]:
+    """layer -> sensitivity of the block's output to that layer's A8, for every eligible layer."""
+    saved = cal.state.load_json(ACT_SENSITIVITY_FILE)
+    if saved is not None:
+        return saved
+    t0 = time.monotonic()
+    sub = subset(xt, MAX_SAMPLES)
+    out: dict[str, float] = {}
+    for bi, name in enumerate(cal.blocks):
+        last = bi == len(cal.blocks) - 1
+        fp = cal.model.block(name)
+        ref = cal._forward(fp, sub)
+        for layer in block_layers(name):
+            if layer in cal.pinned or not a8_eligible(cal.specs[layer]):
+                continue
+            mod = fp.get_submodule(layer[len(name) + 1 :])
+            hook = mod.register_forward_pre_hook(lambda m, args: (fake_quant_int8(args[0]),))
+            try:
+                got = cal._forward(fp, sub)
+            finally:
+                hook.remove()
+            content = 0.0 if last else rel_error(got.txt, ref.txt)
+            out[layer] = rel_error(got.img, ref.img) + cal.s.content_weight * content
+        sub = ref
+    cal.seconds["act_sensitivity"] = time.monotonic() - t0
+    cal.state.save_json(ACT_SENSITIVITY_FILE, out)
+    return out
+
+
+def plan_acts(cal: Calibrator, xt: Any) -> tuple[dict[str, LayerSpec], dict[str, Any]]:
+    """New specs with A8 on every eligible layer but the a8_keep most sensitive, and the plan's record."""
+    sens = measure_acts(cal, xt)
+    ranked = sorted(sens, key=sens.get, reverse=True)
+    keep = set(ranked[: math.ceil(cal.s.a8_keep * len(ranked))])
+    specs = dict(cal.specs)
+    for layer in ranked:
+        specs[layer] = dataclasses.replace(specs[layer], act="a16" if layer in keep else "a8")
+    if cal.show_progress:
+        print(f"activations: {len(ranked) - len(keep)} of {len(ranked)} eligible layers A8; A16 kept for the "
+              f"{len(keep)} most sensitive", flush=True)
+    record = {"keep": cal.s.a8_keep, "a16": sorted(keep), "sensitivity": sens}
+    return specs, record
