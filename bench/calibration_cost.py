@@ -1,6 +1,7 @@
 """What `--calibrate` costs on FLUX.1-dev: GPU memory and time per stage, under 24 and 16 GiB caps.
 
-    python bench/calibration_cost.py [--depth 2 --single 4] [--prompts 8] [--caps 24 16] [--out FILE]
+    python bench/calibration_cost.py [--depth 2 --single 4] [--prompts 8] [--caps 24 16] [--e2e-steps 20]
+                                     [--no-learn-codes] [--out FILE]
 
 Memory and time do not depend on the weight values, so the model is FLUX.1-dev's
 full width (hidden 3072, 24 heads, T5 context 4096, CLIP vector 768, 1024x1024 =
@@ -65,8 +66,9 @@ def run(src: str, cond: str, out: str, cap: float, args: argparse.Namespace) -> 
            "--distill-steps", str(args.distill_steps), "--calib-gpu-memory", str(cap), "--report-json", report]
     if args.lowrank:
         cmd += ["--lowrank", str(args.lowrank)]
-    if args.learn_codes:
-        cmd += ["--learn-codes"]
+    if args.no_learn_codes:
+        cmd += ["--no-learn-codes"]
+    cmd += ["--e2e-steps", str(args.e2e_steps)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.monotonic() - t0
@@ -88,7 +90,8 @@ def main() -> None:
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--lowrank", type=int, default=0)
-    ap.add_argument("--learn-codes", action="store_true")
+    ap.add_argument("--no-learn-codes", action="store_true")
+    ap.add_argument("--e2e-steps", type=int, default=20, help="end-to-end steps measured (time per step is reported)")
     ap.add_argument("--caps", type=float, nargs="+", default=[24, 16])
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -108,12 +111,13 @@ def main() -> None:
         f"weights, {args.depth} double + {args.single} single blocks measured, 1024x1024 (4096 image + 256 text "
         f"tokens); {args.prompts} prompts x {args.timesteps} timesteps = {samples} samples, teacher "
         f"{args.steps} steps, "
-        f"GPTQ, {args.distill_steps} distillation steps per block (codes learned: {args.learn_codes}), low-rank "
-        f"{args.lowrank}. 'full' = extrapolated to "
-        f"{FULL_DOUBLE} + {FULL_SINGLE} blocks.\n",
+        f"GPTQ, {args.distill_steps} distillation steps per block (codes learned: {not args.no_learn_codes}), "
+        f"low-rank {args.lowrank}, {args.e2e_steps} end-to-end steps. 'full' = extrapolated to "
+        f"{FULL_DOUBLE} + {FULL_SINGLE} blocks (block stage) and to 2000 end-to-end steps over them; the "
+        "end-to-end stage's memory grows with the block count and is not extrapolated here.\n",
         "| GPU cap (GiB) | peak reserved (GiB) | teacher sampling s | per double block s | per single block s | "
-        "measured total s | full FLUX.1-dev est. min |",
-        "|---|---|---|---|---|---|---|",
+        "e2e s / step | e2e codes | measured total s | full FLUX.1-dev est. min (block stage + 2000 e2e steps) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for cap, r in rows:
         if "error" in r:
@@ -126,9 +130,14 @@ def main() -> None:
         d, s = sum(dbl) / len(dbl), sum(sgl) / len(sgl)
         cap_s = cal["stage_seconds"].get("capture", 0.0)
         full = cap_s * (FULL_DOUBLE + FULL_SINGLE) / (args.depth + args.single) + d * FULL_DOUBLE + s * FULL_SINGLE
+        e2e = cal.get("e2e_error") or {}
+        per_step = e2e.get("seconds", 0.0) / max(args.e2e_steps, 1) if "seconds" in e2e else None
+        scale = (FULL_DOUBLE + FULL_SINGLE) / (args.depth + args.single)
+        e2e_full = 0.0 if per_step is None else per_step * 2000 * scale
+        step_cell = "skipped" if per_step is None else f"{per_step:.2f}"
         lines.append(
-            f"| {cap:g} | {r['peak_reserved'] / 2**30:.2f} | {cap_s:.1f} | {d:.1f} | {s:.1f} | {cal['seconds']:.1f} | "
-            f"{full / 60:.1f} |"
+            f"| {cap:g} | {r['peak_reserved'] / 2**30:.2f} | {cap_s:.1f} | {d:.1f} | {s:.1f} | {step_cell} | "
+            f"{e2e.get('codes', '-')} | {cal['seconds']:.1f} | {full / 60:.1f} + {e2e_full / 60:.1f} |"
         )
     emit("\n".join(lines) + "\n", args.out)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -117,7 +118,12 @@ def _setting(kv: str) -> tuple[str, object]:
     default = fields[key].default
     if isinstance(default, bool):
         return key, value.lower() in ("1", "true", "yes")
-    return key, type(default)(value) if default is not None else value
+    if default is not None:
+        return key, type(default)(value)
+    try:  # Optional fields: a number where the value is one (a8_keep=0.25), else the text (budget=2.5bits)
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def main() -> None:

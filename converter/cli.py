@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration",
         "fit the quantized model to the full-precision one on its own trajectories (docs/CALIBRATION.md)",
     )
-    c.add_argument("--calibrate", action="store_true", help="calibrate (GPTQ, scale distillation, optional branch)")
+    c.add_argument(
+        "--calibrate", action="store_true",
+        help="calibrate: GPTQ, block-wise distillation of scales and codes, end-to-end velocity matching",
+    )
     c.add_argument(
         "--calib-data",
         metavar="FILE",
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--a8-keep", type=float, metavar="FRACTION",
         help="8-bit activations (W1.58A8: INT8/FP8 tensor cores) on every ternary/int8 layer except this most "
-        "A8-sensitive fraction of them, measured on the calibration set (e.g. 0.25; 0: all)",
+        "A8-sensitive fraction of them, measured on the calibration set (e.g. 0.25; 0: all); layers a --rule "
+        "names keep the activations it gives them",
     )
     c.add_argument(
         "--budget",

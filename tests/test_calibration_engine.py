@@ -381,6 +381,7 @@ def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_
     def interrupted(self, results):
         raise KeyboardInterrupt
 
+    ref = _e2e(tiny)  # made before the spies
     with monkeypatch.context() as m:
         m.setattr(Calibrator, "end_to_end", interrupted)
         with pytest.raises(KeyboardInterrupt):
@@ -388,26 +389,43 @@ def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_
     quantized = Spy(monkeypatch, Calibrator, "quantize_block")
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
     assert quantized.calls == []
-    _tensors_equal(out, _e2e(tiny))
-    # a finished stage is loaded, not trained again
-    e2e = Spy(monkeypatch, Calibrator, "end_to_end")
+    _tensors_equal(out, ref)
+    # a finished stage is loaded, not trained again, and the blocks are not run again
+    e2e, blocks = Spy(monkeypatch, Calibrator, "end_to_end"), Spy(monkeypatch, Calibrator, "_forward")
     os.unlink(out)
-    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
-    assert e2e.calls == [] and quantized.calls == []
-    _tensors_equal(out, _e2e(tiny))
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
+    assert e2e.calls == [] and quantized.calls == [] and blocks.calls == []
+    _tensors_equal(out, ref)
+    # other end-to-end settings reuse the block stage and train the stage again
+    os.unlink(out)
+    other = dataclasses.replace(settings, e2e_steps=3)
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=other)
+    assert len(e2e.calls) == 1 and quantized.calls == []
 
 
 def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, capsys):
     """Learned codes need 17 bytes per weight, frozen ones 1: with room for the frozen codes only the stage
     trains scales (the block stage's codes are kept), with no room it is skipped; both say so."""
     ref = tiny["converted"]("codes", learn_codes=True)  # the block stage alone
-    weights = sum(t.numel() for k, t in load_file(tiny["src"]).items()
-                  if k.rpartition(".")[0] in read_header(ref).layers and k.endswith(".weight"))
+    sizes = [t.numel() for k, t in load_file(tiny["src"]).items()
+             if k.rpartition(".")[0] in read_header(ref).layers and k.endswith(".weight")]
+    # between what frozen codes need (~1.3 bytes a weight, plus the largest layer's transients) and what
+    # learned ones need (~17 bytes a weight more)
+    room = 9 * sum(sizes) + 16 * max(sizes)
     settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 5})
-    for free, expect in ((2 * weights, "scales"), (0, "skipped")):
+    original = Calibrator.end_to_end
+    for free, expect in ((room, "scales"), (0, "skipped")):
         out = str(tmp_path / f"{expect}.safetensors")
+
+        def limited(self, results, free=free):
+            self._free = lambda: free  # the end-to-end stage's view of the GPU only
+            try:
+                return original(self, results)
+            finally:
+                del self._free
+
         with monkeypatch.context() as m:
-            m.setattr(Calibrator, "_free", lambda self, free=free: free)
+            m.setattr(Calibrator, "end_to_end", limited)
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
         said = capsys.readouterr().out
         rec, a, b = _record(out)["e2e_error"], load_file(out), load_file(ref)
@@ -420,6 +438,21 @@ def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, c
         for layer in read_header(ref).layers:
             assert torch.equal(a[f"{layer}.qweight"], b[f"{layer}.qweight"]), layer
         assert any(not torch.equal(a[f"{layer}.scale"], b[f"{layer}.scale"]) for layer in read_header(ref).layers)
+
+
+def test_blocks_keep_gptq_codes_where_learning_them_does_not_fit(tiny, tmp_path, monkeypatch, capsys):
+    """With no GPU memory to spare, learned codes and the end-to-end stage give way: the file is the one
+    calibrated with frozen codes and no end-to-end stage, and the run says why."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 5})
+    out = str(tmp_path / "out.safetensors")
+    monkeypatch.setattr(Calibrator, "_free", lambda self: 0)
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    said = capsys.readouterr().out
+    for block in BLOCKS:
+        assert f"{block}: learning its ternary codes needs" in said
+        assert _record(out)["block_error"][block]["codes"] is False
+    assert "end-to-end stage skipped" in said
+    _tensors_equal(out, _cal(tiny))
 
 
 # ---------------------------------------------------------------------------------------------- 4c. A8 plan

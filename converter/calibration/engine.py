@@ -12,8 +12,10 @@
    - quantization: ternary by GPTQ (or the plain method), int4 / int8 by the
      plain method, bf16 kept; an optional low-rank branch of rank r on ternary
      layers from the activation-aware SVD of the residual W - Q;
-   - distillation: the per-row/group scales (in log space) and the low-rank
-     branch, by Adam on ||block_q(X_s) - Y_t||^2 / ||Y_t||^2; codes stay frozen;
+   - distillation: the per-row/group scales (in log space), the low-rank
+     branch and (learn_codes, the default) the ternary codes through a
+     straight-through estimator, by Adam on ||block_q(X_s) - Y_t||^2 / ||Y_t||^2;
+     a block whose code latents do not fit the GPU keeps GPTQ's codes;
    - X_s <- block_q(X_s), X_t <- Y_t, and the block's layers go to the state
      folder (an interrupt restarts at the next block).
    Only one block's weights, its Hessians and the activations are on the GPU.
@@ -65,7 +67,7 @@ from .lowrank import svd_lowrank_init
 from .sensitivity import plan_formats
 from .state import E2E_FILE, INPUTS_FILE, CalibrationState
 from .streamed import StreamedFlux, block_layers, block_names, run_block
-from .student import StudentLinear
+from .student import StudentLinear, act_rounding
 
 LayerResult = tuple[QuantizedWeight, Optional[tuple[Tensor, Tensor]]]
 
@@ -98,6 +100,9 @@ class CalibrationSettings:
     gpu_memory_gb: Optional[float] = None  # cap what calibration may use (default: what the GPU has free)
     state_dir: Optional[str] = None  # default: <output>.calib next to the output
 
+    def e2e_key(self) -> dict[str, Any]:
+        return {"steps": self.e2e_steps, "batch": self.e2e_batch, "lr": self.e2e_lr}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without where the run keeps its files."""
         d = asdict(self)
@@ -109,6 +114,11 @@ class CalibrationSettings:
         """What makes a saved state reusable: same checkpoint, conditioning and settings."""
         d = self.to_dict()
         d.pop("gpu_memory_gb")  # where it runs, not what it computes
+        # the end-to-end stage's settings do not change the block stage: whether it runs (its trajectories
+        # are captured then) does; its own settings are checked against its saved result (e2e_key)
+        d["e2e"] = bool(d.pop("e2e_steps"))
+        for k in ("e2e_batch", "e2e_lr"):
+            d.pop(k)
         d["conditioning"] = cond_sha
         # the checkpoint's files by absolute path, size and modification time: another file of the same name
         # (or a rewritten one) must not pick up this run's layers
@@ -146,6 +156,11 @@ class Calibrator:
         self.blocks = block_names(arch)
         if settings.a8_keep is not None and not 0 <= settings.a8_keep <= 1:
             raise ConversionError(f"a8_keep must be a fraction in [0, 1], got {settings.a8_keep}")
+        for name in ("e2e_steps", "e2e_batch", "distill_steps", "distill_batch", "steps", "prompts", "lowrank"):
+            if getattr(settings, name) < 0:
+                raise ConversionError(f"{name} must be 0 or more, got {getattr(settings, name)}")
+        if settings.e2e_lr <= 0:
+            raise ConversionError(f"e2e_lr must be positive, got {settings.e2e_lr}")
         if not os.path.isfile(settings.conditioning):
             raise ConversionError(
                 f"calibration conditioning file {settings.conditioning} not found. Make one with the ComfyUI node "
@@ -327,9 +342,21 @@ class Calibrator:
                 None if qw.zero is None else qw.zero.to(self.device), qw.in_features, qw.group_size,
             )
             latent = old.weight.detach() if learn_codes and qw.fmt == "ternary" else None
-            student = StudentLinear(qw, bias, lora, latent, self.specs[layer].act == "a8")
+            rounding = act_rounding(qw.fmt, self.device) if self.specs[layer].act == "a8" else None
+            student = StudentLinear(qw, bias, lora, latent, rounding)
             setattr(block.get_submodule(parent) if parent else block, attr, student)
         return block
+
+    def _codes_fit(self, name: str, layers: dict[str, LayerResult]) -> bool:
+        """Whether learning the block's ternary codes (float32 latent, gradient, two Adam moments: 16 bytes
+        per weight) leaves room for its activations (a quarter of what is free); if not, says so."""
+        need = 16 * sum(qw.scale.shape[0] * qw.in_features for qw, _ in layers.values() if qw.fmt == "ternary")
+        free = self._free()
+        if need <= 0.75 * free:
+            return True
+        print(f"{name}: learning its ternary codes needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free; "
+              "keeping GPTQ's codes for this block (a GPU with more memory learns them)", flush=True)
+        return False
 
     def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
         """Adam on block `name`'s scales, branches and learned codes; returns its error before training."""
@@ -401,6 +428,7 @@ class Calibrator:
         tr = self.trajectories
         if "traj_x" not in tr:
             raise ConversionError("the captured inputs hold no trajectories; delete the calibration folder")
+        self.model.release()  # the teacher's blocks: the stage needs the room, and later reads build them anew
         gib, free = 2**30, self._free()
         codes = self.s.learn_codes
         if codes and self._e2e_weight_bytes(results, True) > free:
@@ -424,6 +452,11 @@ class Calibrator:
         if self.s.e2e_batch:
             batches = _split(batches, self.s.e2e_batch)
         fit = self._e2e_batch_that_fits(blocks, tokens)
+        if fit < 1:
+            msg = (f"end-to-end stage skipped: one sample's activations do not fit next to the model "
+                   f"({self._free() / gib:.1f} GiB free); the file holds the block stage's layers")
+            print(msg, flush=True)
+            return {"skipped": msg}
         if fit < max(len(b) for b in batches):
             batches = _split(batches, fit)
         # a fixed sample of batches, the same before and after, measures the stage
@@ -445,12 +478,17 @@ class Calibrator:
                 "seconds": round(self.seconds["e2e"], 1)}
 
     def _e2e_weight_bytes(self, results: dict[str, LayerResult], codes: bool) -> int:
-        """GPU bytes of the trainable quantized model: int8 codes (+ float32 latent, gradient and two Adam
-        moments per ternary weight with learned codes) and the blocks' full-precision tensors."""
-        total = 0
+        """GPU bytes of the trainable quantized model: per layer the packed weight, its scales and int8 codes
+        (+ float32 latent, gradient and two Adam moments per ternary weight with learned codes), the blocks'
+        full-precision tensors, and the largest layer's transient weight and its gradient (16 bytes a weight
+        at most) while it runs."""
+        total, largest = 0, 0
         for qw, _ in results.values():
             n, k = qw.scale.shape[0], qw.in_features
+            total += qw.qweight.numel() + 2 * qw.scale.numel() * 4
             total += n * k * (1 + (16 if codes and qw.fmt == "ternary" else 0))
+            largest = max(largest, n * k)
+        total += 16 * largest
         shapes = self.source.shapes()
         esize = torch.finfo(self.dtype).bits // 8
         for key, shape in shapes.items():
@@ -464,13 +502,7 @@ class Calibrator:
         if self.device.type != "cuda":
             return 1 << 30
         per_sample = tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * (len(blocks) + 40)
-        fit = int(self._free() * 0.8) // per_sample
-        if fit < 1:
-            raise ConversionError(
-                f"end-to-end stage: one sample needs {per_sample / 2**30:.1f} GiB of activations, "
-                f"{self._free() / 2**30:.1f} GiB are free; use --e2e-steps 0 or a GPU with more memory"
-            )
-        return fit
+        return int(self._free() * 0.8) // per_sample
 
     def _velocity_loss(self, blocks: nn.ModuleList, idx: list[int], grad: bool = False) -> Tensor:
         """||v_q - v_teacher||^2 / ||v_teacher||^2 on trajectory samples idx (one text length)."""
@@ -496,6 +528,36 @@ class Calibrator:
         vt = tr["traj_v"][i.to(tr["traj_v"].device)].to(dev, torch.float32)
         return (v - vt).pow(2).sum() / vt.pow(2).sum()
 
+    def _block_stage(self, xt: Acts, errors: dict[str, dict[str, float]]) -> dict[str, LayerResult]:
+        """Step 3 over every block (finished blocks are loaded and only propagated)."""
+        xs = xt.clone_streams()
+        results: dict[str, LayerResult] = {}
+        bar = Progress(len(self.blocks), self.show_progress, unit="blocks", per_unit=1)
+        for i, name in enumerate(self.blocks):
+            t0 = time.monotonic()
+            fp = self.model.block(name)
+            yt = self._forward(fp, xt)
+            last = i == len(self.blocks) - 1
+            if name in self.state.done:
+                layers = self._load_block(name)
+                self._propagate(self.student_block(name, fp, layers), xs, yt, last)
+            else:
+                quantized = self.quantize_block(name, fp, xs)
+                codes = self.s.learn_codes and self._codes_fit(name, quantized)
+                student = self.student_block(name, fp, quantized, codes)
+                before = self.distill(name, student, xs, yt, last)
+                layers = {k: m.export() for k, m in self._students(name, student).items()}
+                # measured on what the file holds (export rounds the branch to bf16)
+                errors[name] = {"before": before, "after": self._propagate(student, xs, yt, last), "codes": codes}
+                self.state.finish_block(name, _block_tensors(layers), time.monotonic() - t0)
+            results.update(layers)
+            xt = yt
+            del fp
+            e = errors.get(name, {})
+            bar.advance(1, f"{name}: error {e.get('before', float('nan')):.4f} -> {e.get('after', float('nan')):.4f}")
+        bar.close()
+        return results
+
     def run(self) -> CalibrationResult:
         t_start = time.monotonic()
         xt = self.capture()
@@ -510,38 +572,18 @@ class Calibrator:
                 k: dataclasses.replace(v, lora_rank=self.s.lowrank) if v.format == "ternary" else v
                 for k, v in self.specs.items()
             }
-        xs = xt.clone_streams()
-        results: dict[str, LayerResult] = {}
         errors: dict[str, dict[str, float]] = self.state.data.setdefault("errors", {})
-        bar = Progress(len(self.blocks), self.show_progress, unit="blocks", per_unit=1)
-        for i, name in enumerate(self.blocks):
-            t0 = time.monotonic()
-            fp = self.model.block(name)
-            yt = self._forward(fp, xt)
-            last = i == len(self.blocks) - 1
-            if name in self.state.done:
-                layers = self._load_block(name)
-                self._propagate(self.student_block(name, fp, layers), xs, yt, last)
-            else:
-                student = self.student_block(name, fp, self.quantize_block(name, fp, xs), self.s.learn_codes)
-                before = self.distill(name, student, xs, yt, last)
-                layers = {k: m.export() for k, m in self._students(name, student).items()}
-                # measured on what the file holds (export rounds the branch to bf16)
-                errors[name] = {"before": before, "after": self._propagate(student, xs, yt, last)}
-                self.state.finish_block(name, _block_tensors(layers), time.monotonic() - t0)
-            results.update(layers)
-            xt = yt
-            del fp
-            e = errors.get(name, {})
-            bar.advance(1, f"{name}: error {e.get('before', float('nan')):.4f} -> {e.get('after', float('nan')):.4f}")
-        bar.close()
         e2e = self.state.data.get("e2e")
-        if self.s.e2e_steps and e2e is None:
-            e2e = self.end_to_end(results)
-            self.state.save_tensors(E2E_FILE, _block_tensors(results))
-            self.state.data["e2e"] = e2e
-        elif e2e is not None:
-            results = self._load_layers(E2E_FILE, list(results))
+        if e2e is not None and e2e.get("settings") == self.s.e2e_key():  # finished before: its file is the result
+            results = self._load_layers(E2E_FILE, [k for k, v in self.specs.items() if v.quantized])
+        else:
+            results = self._block_stage(xt, errors)
+            e2e = None
+            if self.s.e2e_steps:
+                e2e = {**self.end_to_end(results), "settings": self.s.e2e_key()}
+                if "skipped" not in e2e:  # a skipped stage is tried again by the next run
+                    self.state.save_tensors(E2E_FILE, _block_tensors(results))
+                    self.state.data["e2e"] = e2e
         self.state.save()
         record = {
             "settings": {**self.s.to_dict(), "state_dir": None},

@@ -79,6 +79,13 @@ class StreamedFlux:
             self._resident[name] = module
         return module
 
+    def release(self) -> None:
+        """Drops the resident blocks and keeps none from now on (their memory goes to the caller)."""
+        self._resident.clear()
+        self.resident_budget = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def weight(self, layer: str) -> Tensor:
         """A block linear's full-precision weight, float32 on the device."""
         return self.source.load(f"{layer}.weight").to(self.device, torch.float32)

@@ -29,16 +29,36 @@ def integer_codes(qw: QuantizedWeight) -> Tensor:
     return c.to(torch.int8)
 
 
-def fake_quant_int8(x: Tensor) -> Tensor:
-    """x rounded as the A8 kernels round it (per row: s = max|x| / 127, round(x / s) in [-127, 127], times s),
-    with a straight-through gradient."""
-    s = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / 127
-    q = (torch.clamp(torch.round(x.detach().float() / s), -127, 127) * s).to(x.dtype)
-    return x + (q - x).detach()
+def act_rounding(fmt: str, device: torch.device) -> str:
+    """How bitkernel rounds an A8 layer's activations on `device` at large M: "e4m3" where the FP8 path
+    applies (ternary weights, sm_89+), else "int8"."""
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if BF.fp8_path_applies(fmt, 0, True, BF.FP8_MIN_M, cap):
+            return "e4m3"
+    return "int8"
+
+
+def fake_quant_act(x: Tensor, rounding: str) -> Tensor:
+    """x rounded per row as bitkernel's A8 ops round it, with a straight-through gradient: "int8" is
+    round(x / s) in [-127, 127] with s = max|x| / 127; "e4m3" is e4m3(x / s) with s = max|x| / 448."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    xf = x.detach().float()
+    if rounding == "e4m3":
+        s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+        q = (xf / s).to(torch.float8_e4m3fn).float() * s
+    else:
+        s = amax.clamp_min(1e-30) / 127
+        q = torch.clamp(torch.round(xf / s), -127, 127) * s
+    return x + (q.to(x.dtype) - x).detach()
 
 
 def _expand(scale: Tensor, group_size: int, k: int) -> Tensor:
-    return scale.repeat_interleave(group_size or k, dim=1)[:, :k]
+    """Scales [N, G] spread over the K weights of a row; one scale per row stays [N, 1] (broadcast: no
+    N x K float32 copy, which for FLUX's largest layer is 264 MB per forward)."""
+    if not group_size:
+        return scale
+    return scale.repeat_interleave(group_size, dim=1)[:, :k]
 
 
 class StudentLinear(nn.Module):
@@ -46,12 +66,13 @@ class StudentLinear(nn.Module):
 
     def __init__(
         self, qw: QuantizedWeight, bias: Optional[Tensor], lora: Optional[tuple[Tensor, Tensor]] = None,
-        latent: Optional[Tensor] = None, act_int8: bool = False,
+        latent: Optional[Tensor] = None, act_rounding: Optional[str] = None,
     ):
         """`latent`: the full-precision weight of a ternary layer, to learn the codes too (see _latent_init);
-        `act_int8`: the layer runs with 8-bit activations (A8), so it is trained with them."""
+        `act_rounding`: the layer runs with 8-bit activations (A8) rounded this way (fake_quant_act), so it
+        is trained with them."""
         super().__init__()
-        self.qw, self.act_int8 = qw, act_int8
+        self.qw, self.act_rounding = qw, act_rounding
         self.register_buffer("codes", integer_codes(qw))
         self.register_buffer("scale0", qw.scale.to(self.codes.device, torch.float32))
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
@@ -96,7 +117,7 @@ class StudentLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype  # the block's compute dtype; the trained parameters stay float32
         bias = None if self.bias is None else self.bias.to(dtype)
-        y = F.linear(fake_quant_int8(x) if self.act_int8 else x, self.weight(dtype), bias)
+        y = F.linear(fake_quant_act(x, self.act_rounding) if self.act_rounding else x, self.weight(dtype), bias)
         if self.down is not None:
             y = y + F.linear(F.linear(x, self.down.to(dtype)), self.up.to(dtype))
         return y

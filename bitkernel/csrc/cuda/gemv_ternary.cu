@@ -345,11 +345,12 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
 
 constexpr int kMaxDevices = 64;
 
-// Resident warps per SM of a kernel instantiation on a device (cached: the occupancy query
-// is host work on every call otherwise).
-template <typename K>
-int warps_per_sm(K kernel, int dev, int smem_per_warp) {
+// Resident warps per SM of a kernel instantiation on a device (cached per instantiation and
+// device: the occupancy query is host work on every call otherwise).
+template <typename T, int NT, int TW, bool GROUPED>
+int warps_per_sm(int dev, int smem_per_warp) {
   static std::atomic<int> cache[kMaxDevices] = {};
+  auto kernel = gemv_ternary_kernel<T, NT, TW, GROUPED>;
   std::atomic<int>* slot = dev >= 0 && dev < kMaxDevices ? &cache[dev] : nullptr;
   if (slot) {
     const int v = slot->load(std::memory_order_relaxed);
@@ -374,7 +375,8 @@ void launch(const void* x, int M, int K, const uint8_t* q, const float* scale, i
   const int nch = (K + CHUNK_K - 1) / CHUNK_K;
   // Split K over as many warps as keep the grid resident in one wave, but leave each warp
   // knobs().min_chunks chunks where K has them; then even out the ranges.
-  const int64_t cap = static_cast<int64_t>(std::max(sms, 1)) * warps_per_sm(kernel, dev, SMEM_PER_WARP);
+  const int64_t cap =
+      static_cast<int64_t>(std::max(sms, 1)) * warps_per_sm<T, NT, TW, GROUPED>(dev, SMEM_PER_WARP);
   int S = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cap / tiles, 1), MAX_SPLIT));
   S = std::min(S, std::max(1, nch / knobs().min_chunks));
   const int cpw = (nch + S - 1) / S;
