@@ -82,7 +82,8 @@ def main() -> int:
         # the converter's defaults on a GPU; on a CPU fewer samples and steps (about 2 minutes)
         quick = {} if cuda else CPU_CALIBRATION
         calibration = CalibrationSettings(cond_path, lowrank=args.lowrank, **quick)
-        described = (f"method {args.method}, calibrated (GPTQ + scale distillation, low-rank {args.lowrank}, "
+        stages = "GPTQ, scales and codes" + ("" if quick.get("e2e_steps") == 0 else ", end to end")
+        described = (f"method {args.method}, calibrated ({stages}, low-rank {args.lowrank}, "
                      f"{'converter defaults' if cuda else 'CPU settings ' + str(quick)})")
     print(f"converting {fp_path} -> {q_path} ({described})", flush=True)
     report = convert(fp_path, q_path, method=args.method, device=args.device, force=True, progress=False,
