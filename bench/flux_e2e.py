@@ -160,11 +160,6 @@ def _layers_of(group: str, specs: dict[str, LayerSpec]) -> dict[str, LayerSpec]:
     return {p: s for p, s in specs.items() if p.startswith(group + ".")}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _check_loaded(what: str, model_keys: set[str], loaded: set[str], left: list[str]) -> None:
     """Every generated tensor found a home, and the model has nothing left unfilled."""
     unplaced = sorted(loaded - model_keys)
@@ -227,7 +222,7 @@ def build_bfl(arch: Architecture, variant: str, x: Inputs, device: torch.device,
     for group, tensors in weight_groups(arch, specs, device, dtype):
         layers = _layers_of(group, specs)
         for prefix, spec in layers.items():
-            _set_module(model, prefix, build_linear(prefix, spec, tensors))
+            model.set_submodule(prefix, build_linear(prefix, spec, tensors))
         rest = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in layers}
         model.load_state_dict(rest, strict=False, assign=True)
         loaded.update(tensors)

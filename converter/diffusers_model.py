@@ -68,11 +68,6 @@ def _row_slices(prefix: str, spec: LayerSpec, tensors: dict[str, torch.Tensor], 
     return out
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
-
-
 def empty_transformer(architecture: dict[str, Any]) -> Any:
     """diffusers' FluxTransformer2DModel for a bitflux architecture, on the meta device (no memory):
     `install_tensors` fills it."""
@@ -105,7 +100,7 @@ def install_tensors(
             raise BitfluxFormatError(f"layer {prefix} has no counterpart in diffusers' FluxTransformer2DModel")
         sizes = keymap.split_sizes(f"{prefix}.weight", hidden, mlp_hidden) or [_rows(prefix, spec, tensors)]
         for target, part in zip(targets, _row_slices(prefix, spec, tensors, sizes)):
-            _set_module(model, target, build_linear(prefix, spec, _cast(part, dtype)))
+            model.set_submodule(target, build_linear(prefix, spec, _cast(part, dtype)))
 
     state: dict[str, torch.Tensor] = {}
     layer_tensor_names = {n for n in tensors if n.rsplit(".", 1)[0] in layers}

@@ -74,8 +74,13 @@ class LayerSpec:
             raise BitfluxFormatError(f"negative group_size or lora_rank in {self}")
         if not self.symmetric and self.format != "int4":
             raise BitfluxFormatError(f"only int4 can be asymmetric, got {self}")
-        if self.act == "a8" and (self.format not in ("ternary", "int8") or self.group_size):
+        if self.act == "a8" and not self.a8_capable:
             raise BitfluxFormatError(f"a8 needs ternary or int8 weights with one scale per row, got {self}")
+
+    @property
+    def a8_capable(self) -> bool:
+        """Whether the layer can run with 8-bit activations: ternary or int8 weights, one scale per row."""
+        return self.format in ("ternary", "int8") and not self.group_size
 
     @property
     def quantized(self) -> bool:

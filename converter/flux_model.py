@@ -325,11 +325,11 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(p.hidden_size, p.in_channels, operations, **kw)
 
     def embed(
-        self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-        guidance: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Everything before the blocks: (img, txt, vec, pe). Split from forward so the
-        calibrating converter can run the blocks one at a time with the same math."""
+        self, img: Tensor, txt: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Everything before the blocks but the positional table: (img, txt, vec). Split from forward so
+        the calibrating converter can run the blocks one at a time with the same math (it keeps its
+        positional tables per batch shape)."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("Input img and txt tensors must have 3 dimensions.")
         img = self.img_in(img)
@@ -339,15 +339,14 @@ class Flux(nn.Module):
                 raise ValueError("Didn't get guidance strength for guidance distilled model.")
             vec = vec + self.guidance_in(timestep_embedding(guidance, TIME_EMBED_DIM))
         vec = vec + self.vector_in(y)
-        txt = self.txt_in(txt)
-        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        return img, txt, vec, pe
+        return img, self.txt_in(txt), vec
 
     def forward(
         self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        img, txt, vec, pe = self.embed(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        img, txt, vec = self.embed(img, txt, timesteps, y, guidance)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         for block in self.double_blocks:
             img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
         # One concatenation for all single blocks (run_single, per block, is for callers that

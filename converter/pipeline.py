@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import os
 import re
 import shutil
@@ -37,7 +36,7 @@ from .methods import METHODS, quantize_weight
 from .plan import Plan, PlanItem, build_plan, layer_shapes_of
 from .progress import Progress
 from .report import ConversionReport, LayerStat, peak_rss_bytes, sqnr_db
-from .rules import Rule, assign_formats, parse_format
+from .rules import Rule, assign_formats, matched_layers, parse_format
 from .safetensors_io import StreamingWriter
 from .sources import Source, open_source
 from .verify import verify_output
@@ -104,7 +103,7 @@ def convert(
             calibration = dataclasses.replace(calibration, state_dir=calibration.state_dir or output + ".calib")
             shapes = layer_shapes_of(arch)
             specs = assign_formats(shapes, rule_list, default)
-            pinned = frozenset(k for k in shapes if any(fnmatch.fnmatchcase(k, r.pattern) for r in rule_list))
+            pinned = matched_layers(shapes, rule_list)
             result = calibrate(source, arch, specs, method, calibration, dev, progress, pinned)
             calibrated = result.layers
             plan = build_plan(source, arch, rule_list, default, method, result.specs, result.record)

@@ -9,6 +9,7 @@ to run with int8 activations (the `act` field of the file's layer entry).
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import ConversionError
@@ -66,7 +67,7 @@ def assign_formats(layers: dict[str, tuple[int, int]], rules: list[Rule], defaul
     """
     specs = dict.fromkeys(layers, default)
     for rule in rules:
-        hits = [name for name in layers if fnmatch.fnmatchcase(name, rule.pattern)]
+        hits = _hits(layers, rule)
         if not hits:
             example = next(iter(layers), "double_blocks.0.img_attn.qkv")
             raise ConversionError(
@@ -78,6 +79,15 @@ def assign_formats(layers: dict[str, tuple[int, int]], rules: list[Rule], defaul
     for name, spec in specs.items():
         check_fits(name, spec, layers[name][1])
     return specs
+
+
+def matched_layers(layers: Iterable[str], rules: list[Rule]) -> frozenset[str]:
+    """The layers some rule names (calibration's mixed precision and A8 plan leave them alone)."""
+    return frozenset(name for rule in rules for name in _hits(layers, rule))
+
+
+def _hits(layers: Iterable[str], rule: Rule) -> list[str]:
+    return [name for name in layers if fnmatch.fnmatchcase(name, rule.pattern)]
 
 
 def check_fits(name: str, spec: LayerSpec, in_features: int) -> None:

@@ -25,8 +25,7 @@ def load_bitflux_flux(
     tensors = load_tensors(path, device)
     model = Flux(cfg, dtype=dtype, device="meta")
     for prefix, spec in header.layers.items():
-        parent, _, attr = prefix.rpartition(".")
-        setattr(model.get_submodule(parent), attr, build_linear(prefix, spec, tensors))
+        model.set_submodule(prefix, build_linear(prefix, spec, tensors))
     layer_tensors = {k for k in tensors if k.rpartition(".")[0] in header.layers}
     rest = {k: v.to(dtype) for k, v in tensors.items() if k not in layer_tensors}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)

@@ -733,9 +733,7 @@ def _teacher_inputs(fp: Flux, cond: CalibrationConditioning, steps: int, keep: l
                 args = _args(1, txt, y, schedule[step])
                 if step in keep:
                     a = dict(args)
-                    img0, txt0, vec0, _ = fp.embed(
-                        x, a["img_ids"], a["txt"], a["txt_ids"], a["timesteps"], a["y"], a["guidance"]
-                    )
+                    img0, txt0, vec0 = fp.embed(x, a["txt"], a["timesteps"], a["y"], a["guidance"])
                     out[(keep.index(step), i)] = (img0[0], txt0[0], vec0[0])
                 x = x + (schedule[step + 1] - schedule[step]) * fp(img=x, **args)
     return [out[(k, i)] for k in range(len(keep)) for i in range(p)]

@@ -16,52 +16,40 @@ not counted. Calibration then trains those layers with their activations quantiz
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ContextManager
+
+from torch import nn
 
 from ..fileformat import LayerSpec
-from .sensitivity import MAX_SAMPLES, rel_error, subset
+from .sensitivity import block_errors
 from .state import ACT_SENSITIVITY_FILE
-from .streamed import block_layers
 from .student import act_rounding, fake_quant_act
 
 if TYPE_CHECKING:
     from .engine import Calibrator
 
-def a8_eligible(spec: LayerSpec) -> bool:
-    return spec.format in ("ternary", "int8") and not spec.group_size
-
-
 def measure_acts(cal: Calibrator, xt: Any) -> dict[str, float]:
     """layer -> sensitivity of the block's output to that layer's A8, for every eligible layer."""
-    saved = cal.state.load_json(ACT_SENSITIVITY_FILE)
-    if saved is not None:
-        return saved
-    t0 = time.monotonic()
-    sub = subset(xt, MAX_SAMPLES)
-    out: dict[str, float] = {}
-    for bi, name in enumerate(cal.blocks):
-        last = bi == len(cal.blocks) - 1
-        fp = cal.model.block(name)
-        ref = cal._forward(fp, sub)
-        for layer in block_layers(name):
-            if layer in cal.pinned or not a8_eligible(cal.specs[layer]):
-                continue
-            mod = fp.get_submodule(layer[len(name) + 1 :])
-            rounding = act_rounding(cal.specs[layer].format, cal.device)
-            hook = mod.register_forward_pre_hook(lambda m, args, r=rounding: (fake_quant_act(args[0], r),))
-            try:
-                got = cal._forward(fp, sub)
-            finally:
-                hook.remove()
-            content = 0.0 if last else rel_error(got.txt, ref.txt)
-            out[layer] = rel_error(got.img, ref.img) + cal.s.content_weight * content
-        sub = ref
-    cal.seconds["act_sensitivity"] = time.monotonic() - t0
-    cal.state.save_json(ACT_SENSITIVITY_FILE, out)
-    return out
+
+    def rounded(layer: str, mod: nn.Module) -> Iterator[tuple[str, ContextManager[Any]]]:
+        if layer not in cal.pinned and cal.specs[layer].a8_capable:
+            yield "a8", _inputs_rounded(mod, act_rounding(cal.specs[layer].format, cal.device))
+
+    out = block_errors(cal, xt, ACT_SENSITIVITY_FILE, "act_sensitivity", rounded)
+    return {layer: e["a8"]["quality"] + cal.s.content_weight * e["a8"]["content"] for layer, e in out.items()}
+
+
+@contextlib.contextmanager
+def _inputs_rounded(mod: nn.Module, rounding: str) -> Iterator[None]:
+    hook = mod.register_forward_pre_hook(lambda m, args: (fake_quant_act(args[0], rounding),))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def plan_acts(cal: Calibrator, xt: Any) -> tuple[dict[str, LayerSpec], dict[str, Any]]:

@@ -36,7 +36,6 @@ teacher's response to corrupted input.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import math
 import os
@@ -54,7 +53,7 @@ from bitkernel.formats import QuantizedWeight
 from ..architecture import Architecture
 from ..errors import ConversionError
 from ..fileformat import LayerSpec
-from ..flux_model import get_schedule, make_img_ids, make_txt_ids
+from ..flux_model import get_schedule
 from ..hashing import BackgroundHasher
 from ..methods import quantize_weight
 from ..progress import Progress
@@ -63,7 +62,7 @@ from .actplan import plan_acts
 from .acts import Acts, PositionCache, micro_batches
 from .conditioning import load_conditioning
 from .gptq import HessianAccumulator, gptq_ternary
-from .lowrank import svd_lowrank_init
+from .lowrank import svd_lowrank_init, with_branch
 from .sensitivity import plan_formats
 from .state import E2E_FILE, INPUTS_FILE, CalibrationState
 from .streamed import StreamedFlux, block_layers, block_names, run_block
@@ -190,26 +189,37 @@ class Calibrator:
         tokens = acts.img.shape[1] + int(acts.lens.max())
         return micro_batches(acts.lens, tokens, self.s.micro_batch_tokens)
 
-    def _forward(self, block: nn.Module, acts: Acts, out: Optional[Acts] = None) -> Acts:
-        """block applied to every sample of acts, written to out (default: a copy)."""
-        out = out if out is not None else acts.clone_streams()
+    def _run(
+        self, block: nn.Module, acts: Acts, out: Optional[Acts] = None, yt: Optional[Acts] = None, last: bool = False
+    ) -> float:
+        """block on every sample of acts (no gradients): the outputs go to out when given (out may be acts),
+        and with yt the block error against it is measured on the way (mean over micro-batches, else nan)."""
+        losses = []
         with torch.no_grad():
             for idx in self._batches(acts):
                 img, txt, vec = acts.batch(idx, self.device, self.dtype)
                 img, txt = run_block(block, img, txt, vec, self.pos(len(idx), txt.shape[1]))
-                out.store(idx, img, txt)
+                if yt is not None:
+                    losses.append(self._error(img, txt, idx, yt, last).item())
+                if out is not None:
+                    out.store(idx, img, txt)
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    def _forward(self, block: nn.Module, acts: Acts) -> Acts:
+        """block applied to every sample of acts, as a new set."""
+        out = acts.clone_streams()
+        self._run(block, acts, out)
         return out
 
-    def _propagate(self, block: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
-        """xs <- block(xs) in place; returns the block error against yt measured on the way (block_error's)."""
-        losses = []
-        with torch.no_grad():
-            for idx in self._batches(xs):
-                img, txt, vec = xs.batch(idx, self.device, self.dtype)
-                img, txt = run_block(block, img, txt, vec, self.pos(len(idx), txt.shape[1]))
-                losses.append(self._error(img, txt, idx, yt, last).item())
-                xs.store(idx, img, txt)
-        return sum(losses) / len(losses)
+    def _embed(self, x: Tensor, prompts: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The model's embedders on latents x [B, T, C] at timesteps t [B] for the conditioning's prompts
+        (one text length): the first block's (img, txt, vec)."""
+        cond, dev, dt = self.cond, self.device, self.dtype
+        length = int(cond.txt_len[prompts[0]])
+        return self.model.embed(
+            x.to(dev, dt), cond.txt[prompts, :length].to(dev, dt), t.to(dev, dt), cond.vec[prompts].to(dev, dt),
+            torch.full((len(prompts),), cond.guidance, device=dev, dtype=dt),
+        )
 
     # ------------------------------------------------------------------ 1. teacher trajectories
 
@@ -247,7 +257,6 @@ class Calibrator:
                 "traj_prompt": torch.arange(p).repeat(s.steps),
             }
         bar = Progress(s.steps * len(self.blocks), self.show_progress, unit="block passes", per_unit=1)
-        guidance = torch.full((p,), cond.guidance, device=self.device)
         cur = Acts(
             torch.zeros(p, n_tok, d, device=self.device, dtype=self.dtype),
             torch.zeros(p, lmax, d, device=self.device, dtype=self.dtype), lens, torch.zeros(p, d, device=self.device),
@@ -256,13 +265,8 @@ class Calibrator:
             for step in range(s.steps):
                 t = torch.full((p,), schedule[step], device=self.device)
                 for idx in self._batches(cur):
-                    i, length = torch.tensor(idx), int(lens[idx[0]])
-                    txt_in = cond.txt[i, :length].to(self.device, self.dtype)
-                    img, txt, vec, _ = self.model.embed(
-                        x[i].to(self.dtype), make_img_ids(len(idx), 2 * h, 2 * w, self.device), txt_in,
-                        make_txt_ids(len(idx), length, self.device),
-                        t[i].to(self.dtype), cond.vec[i].to(self.device, self.dtype), guidance[i].to(self.dtype),
-                    )
+                    i = torch.tensor(idx)
+                    img, txt, vec = self._embed(x[i], i, t[i])
                     cur.store(idx, img, txt)
                     cur.vec[i] = vec.float()
                 if step in keep:
@@ -270,7 +274,7 @@ class Calibrator:
                     sl = slice(k * p, (k + 1) * p)
                     kept.img[sl], kept.txt[sl], kept.vec[sl] = cur.img.to(store), cur.txt.to(store), cur.vec.to(store)
                 for name in self.blocks:
-                    self._forward(self.model.block(name), cur, cur)
+                    self._run(self.model.block(name), cur, cur)
                     bar.advance(1, f"teacher step {step + 1}/{s.steps}")
                 for idx in self._batches(cur):
                     i = torch.tensor(idx)
@@ -306,7 +310,7 @@ class Calibrator:
                 acc = accs[layer] = HessianAccumulator(mod.in_features, self.device)
                 hooks.append(mod.register_forward_hook(lambda m, inp, out, acc=acc: acc.add(inp[0])))
             try:
-                self._forward(fp, xs)
+                self._run(fp, xs)  # for the hooks only
             finally:
                 for hk in hooks:
                     hk.remove()
@@ -334,7 +338,6 @@ class Calibrator:
         block = copy.deepcopy(fp, memo={id(t): t for t in itertools.chain(fp.parameters(), fp.buffers())})
         for layer, (qw, lora) in layers.items():
             path = layer[len(name) + 1 :]
-            parent, _, attr = path.rpartition(".")
             old = block.get_submodule(path)
             bias = None if old.bias is None else old.bias.detach().float()
             qw = QuantizedWeight(
@@ -343,8 +346,7 @@ class Calibrator:
             )
             latent = old.weight.detach() if learn_codes and qw.fmt == "ternary" else None
             rounding = act_rounding(qw.fmt, self.device) if self.specs[layer].act == "a8" else None
-            student = StudentLinear(qw, bias, lora, latent, rounding)
-            setattr(block.get_submodule(parent) if parent else block, attr, student)
+            block.set_submodule(path, StudentLinear(qw, bias, lora, latent, rounding))
         return block
 
     def _codes_fit(self, name: str, layers: dict[str, LayerResult]) -> bool:
@@ -360,7 +362,7 @@ class Calibrator:
 
     def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
         """Adam on block `name`'s scales, branches and learned codes; returns its error before training."""
-        before = self.block_error(student, xs, yt, last)
+        before = self._run(student, xs, yt=yt, last=last)
         batches = self._batches(xs)
         if self.s.distill_batch:
             batches = _split(batches, self.s.distill_batch)
@@ -415,13 +417,6 @@ class Calibrator:
             ref = ref + tt.pow(2).sum()
         return err / ref
 
-    def block_error(self, block: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
-        with torch.no_grad():
-            losses = [self._loss(block, idx, xs, yt, last).item() for idx in self._batches(xs)]
-        return sum(losses) / len(losses)
-
-    # ------------------------------------------------------------------ 4. end-to-end velocity matching
-
     def end_to_end(self, results: dict[str, LayerResult]) -> dict[str, Any]:
         """Trains every block's StudentLinears together on the teacher's velocities; updates results."""
         t0 = time.monotonic()
@@ -431,9 +426,10 @@ class Calibrator:
         self.model.release()  # the teacher's blocks: the stage needs the room, and later reads build them anew
         gib, free = 2**30, self._free()
         codes = self.s.learn_codes
-        if codes and self._e2e_weight_bytes(results, True) > free:
+        with_codes = self._e2e_weight_bytes(results, True)
+        if codes and with_codes > free:
             codes = False  # FLUX.1-dev's latents and Adam state (~190 GB) fit no single GPU: scales and branches
-            print(f"end-to-end stage: learned codes need {self._e2e_weight_bytes(results, True) / gib:.1f} GiB, "
+            print(f"end-to-end stage: learned codes need {with_codes / gib:.1f} GiB, "
                   f"{free / gib:.1f} GiB are free; training the scales and branches only", flush=True)
         need = self._e2e_weight_bytes(results, codes)
         if need > free:
@@ -506,26 +502,18 @@ class Calibrator:
 
     def _velocity_loss(self, blocks: nn.ModuleList, idx: list[int], grad: bool = False) -> Tensor:
         """||v_q - v_teacher||^2 / ||v_teacher||^2 on trajectory samples idx (one text length)."""
-        tr, cond = self.trajectories, self.cond
+        tr = self.trajectories
         i = torch.tensor(idx)
         pr = tr["traj_prompt"][i]
-        length = int(cond.txt_len[pr[0]])
-        h, w = cond.image_tokens
-        dev, dt = self.device, self.dtype
-        img, txt, vec, _ = self.model.embed(
-            tr["traj_x"][i.to(tr["traj_x"].device)].to(dev, dt), make_img_ids(len(idx), 2 * h, 2 * w, dev),
-            cond.txt[pr, :length].to(dev, dt), make_txt_ids(len(idx), length, dev),
-            tr["traj_t"][i].to(dev, dt), cond.vec[pr].to(dev, dt),
-            torch.full((len(idx),), cond.guidance, device=dev, dtype=dt),
-        )
-        pe = self.pos(len(idx), length)
+        img, txt, vec = self._embed(tr["traj_x"][i.to(tr["traj_x"].device)], pr, tr["traj_t"][i])
+        pe = self.pos(len(idx), txt.shape[1])
         for block in blocks:
             if grad:  # keep one block's activations at a time: the backward recomputes the rest
                 img, txt = checkpoint(run_block, block, img, txt, vec, pe, use_reentrant=False)
             else:
                 img, txt = run_block(block, img, txt, vec, pe)
         v = self.model.head(img, vec).float()
-        vt = tr["traj_v"][i.to(tr["traj_v"].device)].to(dev, torch.float32)
+        vt = tr["traj_v"][i.to(tr["traj_v"].device)].to(self.device, torch.float32)
         return (v - vt).pow(2).sum() / vt.pow(2).sum()
 
     def _block_stage(self, xt: Acts, errors: dict[str, dict[str, float]]) -> dict[str, LayerResult]:
@@ -540,7 +528,7 @@ class Calibrator:
             last = i == len(self.blocks) - 1
             if name in self.state.done:
                 layers = self._load_block(name)
-                self._propagate(self.student_block(name, fp, layers), xs, yt, last)
+                self._run(self.student_block(name, fp, layers), xs, xs, yt, last)
             else:
                 quantized = self.quantize_block(name, fp, xs)
                 codes = self.s.learn_codes and self._codes_fit(name, quantized)
@@ -548,7 +536,8 @@ class Calibrator:
                 before = self.distill(name, student, xs, yt, last)
                 layers = {k: m.export() for k, m in self._students(name, student).items()}
                 # measured on what the file holds (export rounds the branch to bf16)
-                errors[name] = {"before": before, "after": self._propagate(student, xs, yt, last), "codes": codes}
+                after = self._run(student, xs, xs, yt, last)  # xs <- the student's outputs
+                errors[name] = {"before": before, "after": after, "codes": codes}
                 self.state.finish_block(name, _block_tensors(layers), time.monotonic() - t0)
             results.update(layers)
             xt = yt
@@ -567,11 +556,7 @@ class Calibrator:
         act_plan = None
         if self.s.a8_keep is not None:
             self.specs, act_plan = plan_acts(self, xt)
-        if self.s.lowrank:
-            self.specs = {
-                k: dataclasses.replace(v, lora_rank=self.s.lowrank) if v.format == "ternary" else v
-                for k, v in self.specs.items()
-            }
+        self.specs = {k: with_branch(v, self.s.lowrank) for k, v in self.specs.items()}
         errors: dict[str, dict[str, float]] = self.state.data.setdefault("errors", {})
         e2e = self.state.data.get("e2e")
         if e2e is not None and e2e.get("settings") == self.s.e2e_key():  # finished before: its file is the result

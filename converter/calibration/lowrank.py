@@ -13,8 +13,11 @@ fine-tuned).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from ..fileformat import LayerSpec
 from .gptq import damped_hessian, factor_hessian
 
 
@@ -47,3 +50,8 @@ def svd_lowrank_init(
     if chol is not None:  # down L = (whitened down)  =>  down = (whitened down) L^-1
         down = torch.linalg.solve_triangular(chol, down, upper=False, left=False)
     return down.contiguous(), up.contiguous()
+
+
+def with_branch(spec: LayerSpec, rank: int) -> LayerSpec:
+    """The spec with a branch of `rank` where calibration gives one: ternary layers."""
+    return dataclasses.replace(spec, lora_rank=rank) if rank and spec.format == "ternary" else spec

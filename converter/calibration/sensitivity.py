@@ -20,11 +20,14 @@ one format per layer under the budget. Layers a --rule names keep their format.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
+from torch import nn
 
 import bitkernel.functional as BF
 
@@ -32,6 +35,7 @@ from ..fileformat import LayerSpec
 from ..methods import quantize_weight
 from ..rules import parse_format
 from .acts import Acts
+from .lowrank import with_branch
 from .mixed import candidate_bytes, format_plan, parse_budget, plan_metadata, solve_assignment
 from .state import SENSITIVITY_FILE
 from .streamed import block_layers
@@ -42,55 +46,76 @@ if TYPE_CHECKING:
 MAX_SAMPLES = 32  # per block: enough to rank layers, a fraction of the calibration time
 
 
-def measure(cal: Calibrator, xt: Acts) -> dict[str, dict[str, dict[str, float]]]:
-    """layer -> candidate label -> {"quality", "content"} (bf16 is the reference: 0)."""
-    saved = cal.state.load_json(SENSITIVITY_FILE)
+Errors = dict[str, dict[str, dict[str, float]]]  # layer -> variant label -> {"quality", "content"}
+Variants = Callable[[str, nn.Module], Iterator[tuple[str, ContextManager[Any]]]]
+
+
+def block_errors(cal: Calibrator, xt: Acts, file: str, stage: str, variants: Variants) -> Errors:
+    """Each perturbation variants(layer, module) yields, applied alone inside the layer's full-precision
+    block: the block's relative output error on (a subset of) the teacher's inputs, image tokens (quality)
+    and text tokens (content). Saved in the state folder as `file`, so a resumed run does not measure again."""
+    saved = cal.state.load_json(file)
     if saved is not None:
         return saved
     t0 = time.monotonic()
-    sub = subset(xt, MAX_SAMPLES)
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    sub = _subset(xt, MAX_SAMPLES)
+    out: Errors = {}
     for bi, name in enumerate(cal.blocks):
         last = bi == len(cal.blocks) - 1
         fp = cal.model.block(name)
         ref = cal._forward(fp, sub)
         for layer in block_layers(name):
-            mod = fp.get_submodule(layer[len(name) + 1 :])
-            w = cal.model.weight(layer)
-            original = mod.weight.data
-            out[layer] = {"bf16": {"quality": 0.0, "content": 0.0}}
-            for label in cal.s.candidates:
-                spec = parse_format(label)
-                if not spec.quantized:
-                    continue
-                mod.weight.data = BF.dequantize(quantize_weight(w, spec, cal.method)).to(original.dtype)
-                try:
+            for label, perturbed in variants(layer, fp.get_submodule(layer[len(name) + 1 :])):
+                with perturbed:
                     got = cal._forward(fp, sub)
-                finally:
-                    mod.weight.data = original
-                out[layer][label] = {
-                    "quality": rel_error(got.img, ref.img),
-                    "content": 0.0 if last else rel_error(got.txt, ref.txt),
+                out.setdefault(layer, {})[label] = {
+                    "quality": _rel_error(got.img, ref.img),
+                    "content": 0.0 if last else _rel_error(got.txt, ref.txt),
                 }
         sub = ref
-    cal.seconds["sensitivity"] = time.monotonic() - t0
-    cal.state.save_json(SENSITIVITY_FILE, out)
+    cal.seconds[stage] = time.monotonic() - t0
+    cal.state.save_json(file, out)
     return out
 
 
-def subset(acts: Acts, n: int) -> Acts:
+def measure(cal: Calibrator, xt: Acts) -> Errors:
+    """layer -> candidate label -> {"quality", "content"} (bf16 is the reference: 0)."""
+
+    def formats(layer: str, mod: nn.Module) -> Iterator[tuple[str, ContextManager[Any]]]:
+        w = cal.model.weight(layer)
+        for label in cal.s.candidates:
+            spec = parse_format(label)
+            if spec.quantized:
+                yield label, _weight_swapped(mod, BF.dequantize(quantize_weight(w, spec, cal.method)))
+
+    out = block_errors(cal, xt, SENSITIVITY_FILE, "sensitivity", formats)
+    layers = [layer for name in cal.blocks for layer in block_layers(name)]
+    return {layer: {"bf16": {"quality": 0.0, "content": 0.0}, **out.get(layer, {})} for layer in layers}
+
+
+@contextlib.contextmanager
+def _weight_swapped(mod: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    original = mod.weight.data
+    mod.weight.data = weight.to(original.dtype)
+    try:
+        yield
+    finally:
+        mod.weight.data = original
+
+
+def _subset(acts: Acts, n: int) -> Acts:
     # evenly over the set, which is ordered timestep-major: every kept timestep is represented
     idx = torch.linspace(0, len(acts) - 1, min(n, len(acts))).round().long().unique()
     return Acts(acts.img[idx].clone(), acts.txt[idx].clone(), acts.lens[idx], acts.vec[idx])
 
 
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp_min(1e-30))
 
 
 def _with_act(spec: LayerSpec, act: str) -> LayerSpec:
     """Keeps the layer's requested int8 activations where the chosen format can run them."""
-    if act == "a8" and spec.format in ("ternary", "int8") and not spec.group_size:
+    if act == "a8" and spec.a8_capable:
         return dataclasses.replace(spec, act="a8")
     return spec
 
@@ -105,16 +130,12 @@ def plan_formats(cal: Calibrator, xt: Acts) -> tuple[dict[str, LayerSpec], dict[
         n, k = shapes[f"{layer}.weight"]
         total_params += n * k
         bias = f"{layer}.bias" in shapes
-        if layer in cal.pinned:
-            if spec.format == "ternary" and cal.s.lowrank:  # run() gives every ternary layer the branch
-                spec = dataclasses.replace(spec, lora_rank=cal.s.lowrank)
-            layers[layer] = {spec.label: (candidate_bytes(spec, n, k, bias), 0.0)}
+        if layer in cal.pinned:  # run() gives every ternary layer the branch, pinned ones too
+            layers[layer] = {spec.label: (candidate_bytes(with_branch(spec, cal.s.lowrank), n, k, bias), 0.0)}
             continue
         cands = {}
         for label in cal.s.candidates:
-            cspec = parse_format(label)
-            if cspec.format == "ternary" and cal.s.lowrank:
-                cspec = LayerSpec("ternary", cspec.group_size, lora_rank=cal.s.lowrank)
+            cspec = with_branch(parse_format(label), cal.s.lowrank)
             s = sens[layer][label]
             cands[label] = (candidate_bytes(cspec, n, k, bias), s["quality"] + cal.s.content_weight * s["content"])
         layers[layer] = cands

@@ -90,7 +90,7 @@ class StreamedFlux:
         """A block linear's full-precision weight, float32 on the device."""
         return self.source.load(f"{layer}.weight").to(self.device, torch.float32)
 
-    def embed(self, *args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def embed(self, *args: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.model.embed(*args)
 
     def head(self, img: Tensor, vec: Tensor) -> Tensor:

@@ -82,11 +82,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // Whether the current device runs the mma.m16n8k16 kernels (sm_80+). Host side.
-inline bool device_has_mma16816() {
-  int dev = 0, major = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  return major >= 8;
-}
+inline bool device_has_mma16816() { return current_device().major >= 8; }
 
 }  // namespace bitkernel

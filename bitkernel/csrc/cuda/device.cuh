@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "common.h"
 
 namespace bitkernel {
@@ -19,6 +21,30 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// The current device, its compute capability major and SM count: the attributes are read
+// from the runtime once per device, not on every launch of the small-M kernels.
+struct DeviceInfo {
+  int index = 0, major = 0, sms = 0;
+};
+inline DeviceInfo current_device() {
+  constexpr int kMax = 64;
+  static std::atomic<int> major[kMax], sms[kMax];  // major 0: not read yet
+  DeviceInfo d;
+  cudaGetDevice(&d.index);
+  const bool cached = d.index >= 0 && d.index < kMax;
+  if (cached && (d.major = major[d.index].load(std::memory_order_acquire)) > 0) {
+    d.sms = sms[d.index].load(std::memory_order_relaxed);
+    return d;
+  }
+  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.index);
+  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.index);
+  if (cached) {
+    sms[d.index].store(d.sms, std::memory_order_relaxed);
+    major[d.index].store(d.major, std::memory_order_release);
+  }
+  return d;
+}
 
 // Calls f(T{}) with T the device type of a dtype code.
 template <typename F> void dispatch_dtype(int dtype, F&& f) {

@@ -397,11 +397,9 @@ bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, 
       K < 64 || K % 64 != 0 || K > (1 << 29) || (group != 0 && (group % 64 != 0 || K * group >= (1LL << 32))) ||
       reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
-  int dev = 0, major = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (major < 8) return false;  // mma.m16n8k16
+  const DeviceInfo info = current_device();
+  if (info.major < 8) return false;  // mma.m16n8k16
+  const int dev = info.index, sms = info.sms;
   const cudaStream_t s = as_stream(stream);
   const int n = static_cast<int>(N), k = static_cast<int>(K), m = static_cast<int>(M);
   // Two tiles per warp halve the cost of the x fragments, but only where that still leaves
