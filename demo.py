@@ -28,7 +28,7 @@ from converter import convert
 from converter.calibration.conditioning import save_conditioning
 from converter.calibration.engine import CalibrationSettings
 from testbed.bitflux import load_bitflux_flux
-from testbed.calibration_data import CPU_CALIBRATION, CPU_PROMPTS, testbed_conditioning
+from testbed.calibration_data import CPU_CALIBRATION, CPU_PROMPTS, GPU_PROMPTS, testbed_conditioning
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder
 from testbed.evaluate import evaluate
 
@@ -78,7 +78,8 @@ def main() -> int:
     if args.calibrate:
         cuda = str(args.device).startswith("cuda")
         cond_path = os.path.join(args.out, "calibration_conditioning.safetensors")
-        save_conditioning(cond_path, testbed_conditioning(256 if cuda else CPU_PROMPTS, weights_dir=args.weights))
+        prompts = GPU_PROMPTS if cuda else CPU_PROMPTS
+        save_conditioning(cond_path, testbed_conditioning(prompts, weights_dir=args.weights))
         # the converter's defaults on a GPU; on a CPU fewer samples and steps (about 2 minutes)
         quick = {} if cuda else CPU_CALIBRATION
         calibration = CalibrationSettings(cond_path, lowrank=args.lowrank, **quick)

@@ -1,6 +1,6 @@
 """Calibration conditioning for the testbed model (converter/calibration/conditioning.py has the format).
 
-    python -m testbed.calibration_data [-o OUT.safetensors] [--n 256] [--seed 0] [--weights testbed/weights]
+    python -m testbed.calibration_data [-o OUT.safetensors] [--n 1024] [--seed 0] [--weights testbed/weights]
                                        [--prompts FILE] [--device cpu]
 
 Prompts: the calibration split (`testbed.prompts.calibration_prompts(n, seed)`,
@@ -46,6 +46,10 @@ ENCODER_NAME = "testbed text encoder"
 # prompts and these CalibrationSettings overrides (teacher steps, distillation steps and batch; no end-to-end
 # stage: ~2 s a step on a CPU).
 CPU_PROMPTS = 64
+# On a GPU: more trajectories than the 256 of session 2 generalise better (600 held-out prompts, H200:
+# 69.7% -> 76.2% at 1024, bench/results/calibration_e2e_h200.md); the pools repeat prompts (300 unique),
+# but every prompt gets its own noise, so each trajectory is new.
+GPU_PROMPTS = 1024
 CPU_CALIBRATION = {"steps": 10, "distill_steps": 100, "distill_batch": 16, "e2e_steps": 0}
 # The token grid of the images sampling.sample makes: latent side / FLUX's 2x2 patch.
 IMAGE_TOKENS = (LATENT_SIZE // PATCH, LATENT_SIZE // PATCH)
@@ -76,7 +80,7 @@ def encode(encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> t
 
 
 def testbed_conditioning(
-    n: int = 256, seed: int = 0, weights_dir: str = WEIGHTS_DIR, device: torch.device | str = "cpu",
+    n: int = GPU_PROMPTS, seed: int = 0, weights_dir: str = WEIGHTS_DIR, device: torch.device | str = "cpu",
     prompts: Optional[list[str]] = None,
 ) -> CalibrationConditioning:
     """n calibration prompts (or `prompts`) encoded by the testbed's text encoder in `weights_dir`.
@@ -102,7 +106,7 @@ def testbed_conditioning(
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help=f"conditioning file to write ({DEFAULT_OUTPUT})")
-    ap.add_argument("--n", type=int, default=256, help="prompts from the calibration split (256)")
+    ap.add_argument("--n", type=int, default=GPU_PROMPTS, help=f"prompts from the calibration split ({GPU_PROMPTS})")
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration split's draw (0)")
     ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with text_encoder.safetensors")
     ap.add_argument("--prompts", help="a file of prompts, one per line, instead of the calibration split")

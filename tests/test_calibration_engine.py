@@ -313,7 +313,8 @@ def test_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, l
 
 # ---------------------------------------------------------------------------------------------- 4b. end to end
 
-E2E = dict(e2e_steps=40, e2e_batch=1)
+# 40 steps on the tiny model: a learning rate for a short run (the product's default suits 2000 steps)
+E2E = dict(e2e_steps=40, e2e_batch=1, e2e_lr=1.0)
 
 
 def _e2e(tiny) -> str:

@@ -90,7 +90,7 @@ class CalibrationSettings:
     lowrank: int = 0  # rank of the bf16 branch on ternary layers
     e2e_steps: int = 2000  # Adam steps of end-to-end velocity matching over all blocks (0: off)
     e2e_batch: int = 0  # samples per end-to-end step (0: as many as fit micro_batch_tokens)
-    e2e_lr: float = 1.0  # end-to-end learning rates, as a multiple of the block stage's
+    e2e_lr: float = 0.3  # end-to-end learning rates, as a multiple of the block stage's (1 and 3 measured worse)
     budget: Optional[str] = None  # mixed precision under this size (mixed.parse_budget)
     a8_keep: Optional[float] = None  # A8 on eligible layers but this most sensitive fraction (None: as specs say)
     candidates: tuple[str, ...] = ("ternary", "int4:64", "int8", "bf16")
