@@ -1,6 +1,6 @@
 """Kernel benchmark over FLUX.1-dev's linear shapes: each format against torch bf16 in the same run.
 
-    python bench/kernels.py [--m 1 16 512 4608] [--out bench/results/kernels_<gpu>.md]
+    python bench/kernels.py [--m 1 16 512 4608] [--formats W1.58A16 ...] [--out bench/results/kernels_<gpu>.md]
 
 Times come from CUDA graphs of 20 back-to-back calls replayed between CUDA events
 (median of several replays), with enough weight copies in rotation that the
@@ -78,14 +78,14 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(16, -(-L2_FLUSH_BYTES // max(nbytes, 1))))
 
 
-def bench_shape(n: int, k: int, m: int) -> dict[str, float]:
+def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool]]) -> dict[str, float]:
     gen = torch.Generator(device="cuda").manual_seed(n + k + m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     res = {}
     ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
     res["bf16"] = time_graph([lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws])
-    for name, fmt, group, a8 in VARIANTS:
+    for name, fmt, group, a8 in variants:
         qw = F.quantize(w, fmt, group)
         qws = [qw] + [
             F.QuantizedWeight(
@@ -131,8 +131,11 @@ def cell(t: float, base: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 512, 4608])
+    ap.add_argument("--formats", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS],
+                    help="formats to time (default all)")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     args = ap.parse_args()
+    variants = [v for v in VARIANTS if v[0] in args.formats]
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     info = bitkernel.info()
@@ -140,12 +143,12 @@ def main() -> None:
         f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | bitkernel {info['version']} "
         f"(archs {info['cuda_archs']}) | W1.58A8 FP8 path {'on' if F.FP8 else 'off'}\n\n"
     )
-    names = [v[0] for v in VARIANTS] + [FP8_CEILING]
+    names = [v[0] for v in variants] + ([FP8_CEILING] if "W1.58A8" in args.formats else [])
     cols = ["bf16 ms"] + [f"{name} ms (x)" for name in names]
     lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for label, n, k in SHAPES:
         for m in args.m:
-            r = bench_shape(n, k, m)
+            r = bench_shape(n, k, m, variants)
             cells = [f"{r['bf16']:.4f}"] + [cell(r[name], r["bf16"]) for name in names]
             lines.append(f"| {label} ({n}x{k}) | {m} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
