@@ -405,13 +405,14 @@ def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_
 
 
 def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, capsys):
-    """Learned codes need 17 bytes per weight, frozen ones 1: with room for the frozen codes only the stage
-    trains scales (the block stage's codes are kept), with no room it is skipped; both say so."""
+    """Learned codes need 16 bytes per weight more, frozen ones stay packed (a quarter byte): with room for
+    the frozen codes only the stage trains scales (the block stage's codes are kept), with no room it is
+    skipped; both say so."""
     ref = tiny["converted"]("codes", learn_codes=True)  # the block stage alone
     sizes = [t.numel() for k, t in load_file(tiny["src"]).items()
              if k.rpartition(".")[0] in read_header(ref).layers and k.endswith(".weight")]
-    # between what frozen codes need (~1.3 bytes a weight, plus the largest layer's transients) and what
-    # learned ones need (~17 bytes a weight more)
+    # between what frozen codes need (a quarter byte a weight plus scales, and the largest layer's
+    # transients) and what learned ones need (16 bytes a weight more)
     room = 9 * sum(sizes) + 16 * max(sizes)
     settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 5})
     original = Calibrator.end_to_end

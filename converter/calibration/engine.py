@@ -25,8 +25,10 @@
    (every step of every trajectory, kept at capture). The block stage fits each
    block to its teacher block; this stage fits what the sampler sees, the
    velocity, and lets blocks trade errors. It holds the whole quantized model
-   on the GPU (the codes as int8: ~12 GB for FLUX.1-dev, a float32 latent and
-   Adam state per weight more with learn_codes), so it is for large GPUs.
+   on the GPU (packed: ~3 GB for FLUX.1-dev, plus one input per block per
+   sample for the backward; with learn_codes 16 bytes per ternary weight more,
+   which no single GPU has for FLUX.1-dev, so there it trains the scales and
+   branches only).
 
 Targets are the teacher's outputs on the teacher's inputs, so each block also
 learns to undo the error that reached its input, rather than to copy the
@@ -474,15 +476,15 @@ class Calibrator:
                 "seconds": round(self.seconds["e2e"], 1)}
 
     def _e2e_weight_bytes(self, results: dict[str, LayerResult], codes: bool) -> int:
-        """GPU bytes of the trainable quantized model: per layer the packed weight, its scales and int8 codes
-        (+ float32 latent, gradient and two Adam moments per ternary weight with learned codes), the blocks'
-        full-precision tensors, and the largest layer's transient weight and its gradient (16 bytes a weight
-        at most) while it runs."""
+        """GPU bytes of the trainable quantized model: per layer the packed weight and its scales (+ float32
+        latent, gradient and two Adam moments per ternary weight with learned codes), the blocks'
+        full-precision tensors, and the largest layer's transient codes, weight and gradient (16 bytes a
+        weight at most) while it runs."""
         total, largest = 0, 0
         for qw, _ in results.values():
             n, k = qw.scale.shape[0], qw.in_features
-            total += qw.qweight.numel() + 2 * qw.scale.numel() * 4
-            total += n * k * (1 + (16 if codes and qw.fmt == "ternary" else 0))
+            total += qw.qweight.numel() + 6 * qw.scale.numel() * 4  # scale, scale0, log-scale, grad, 2 moments
+            total += n * k * (16 if codes and qw.fmt == "ternary" else 0)
             largest = max(largest, n * k)
         total += 16 * largest
         shapes = self.source.shapes()
