@@ -2,6 +2,8 @@
 
     python bench/calibration_cost.py [--depth 2 --single 4] [--prompts 8] [--caps 24 16] [--e2e-steps 20]
                                      [--no-learn-codes] [--out FILE]
+    # the end-to-end stage at FLUX.1-dev's full depth, after a quick block stage:
+    python bench/calibration_cost.py --depth 19 --single 38 --prompts 4 --distill-steps 0 --no-gptq --e2e-steps 10
 
 Memory and time do not depend on the weight values, so the model is FLUX.1-dev's
 full width (hidden 3072, 24 heads, T5 context 4096, CLIP vector 768, 1024x1024 =
@@ -68,6 +70,8 @@ def run(src: str, cond: str, out: str, cap: float, args: argparse.Namespace) -> 
         cmd += ["--lowrank", str(args.lowrank)]
     if args.no_learn_codes:
         cmd += ["--no-learn-codes"]
+    if args.no_gptq:
+        cmd += ["--no-gptq"]
     cmd += ["--e2e-steps", str(args.e2e_steps)]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -91,6 +95,8 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=300)
     ap.add_argument("--lowrank", type=int, default=0)
     ap.add_argument("--no-learn-codes", action="store_true")
+    ap.add_argument("--no-gptq", action="store_true", help="with --distill-steps 0: a quick block stage, to measure "
+                    "the end-to-end stage at full depth (--depth 19 --single 38)")
     ap.add_argument("--e2e-steps", type=int, default=20, help="end-to-end steps measured (time per step is reported)")
     ap.add_argument("--caps", type=float, nargs="+", default=[24, 16])
     ap.add_argument("--out")
@@ -111,17 +117,19 @@ def main() -> None:
         f"weights, {args.depth} double + {args.single} single blocks measured, 1024x1024 (4096 image + 256 text "
         f"tokens); {args.prompts} prompts x {args.timesteps} timesteps = {samples} samples, teacher "
         f"{args.steps} steps, "
-        f"GPTQ, {args.distill_steps} distillation steps per block (codes learned: {not args.no_learn_codes}), "
+        f"{'plain rounding' if args.no_gptq else 'GPTQ'}, {args.distill_steps} distillation steps per block "
+        f"(codes learned: {not args.no_learn_codes}), "
         f"low-rank {args.lowrank}, {args.e2e_steps} end-to-end steps. 'full' = extrapolated to "
         f"{FULL_DOUBLE} + {FULL_SINGLE} blocks (block stage) and to 2000 end-to-end steps over them; the "
         "end-to-end stage's memory grows with the block count and is not extrapolated here.\n",
         "| GPU cap (GiB) | peak reserved (GiB) | teacher sampling s | per double block s | per single block s | "
-        "e2e s / step | e2e codes | measured total s | full FLUX.1-dev est. min (block stage + 2000 e2e steps) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "e2e s / step | e2e samples / step | e2e codes | measured total s | "
+        "full FLUX.1-dev est. min (block stage + 2000 e2e steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cap, r in rows:
         if "error" in r:
-            lines.append(f"| {cap:g} | failed: {r['error'].splitlines()[-1][:200]} | | | | | |")
+            lines.append(f"| {cap:g} | failed: {r['error'].splitlines()[-1][:200]} | | | | | | | | |")
             continue
         cal = r["report"]["calibration"]
         blocks = cal["block_seconds"]
@@ -137,7 +145,8 @@ def main() -> None:
         step_cell = "skipped" if per_step is None else f"{per_step:.2f}"
         lines.append(
             f"| {cap:g} | {r['peak_reserved'] / 2**30:.2f} | {cap_s:.1f} | {d:.1f} | {s:.1f} | {step_cell} | "
-            f"{e2e.get('codes', '-')} | {cal['seconds']:.1f} | {full / 60:.1f} + {e2e_full / 60:.1f} |"
+            f"{e2e.get('batch', '-')} | {e2e.get('codes', '-')} | {cal['seconds']:.1f} | "
+            f"{full / 60:.1f} + {e2e_full / 60:.1f} |"
         )
     emit("\n".join(lines) + "\n", args.out)
 

@@ -473,7 +473,7 @@ class Calibrator:
         after = error()  # on what the file holds (export rounds the branch to bf16)
         self.seconds["e2e"] = time.monotonic() - t0
         return {"before": before, "after": after, "samples": len(lens), "codes": codes,
-                "seconds": round(self.seconds["e2e"], 1)}
+                "batch": max(len(b) for b in batches), "seconds": round(self.seconds["e2e"], 1)}
 
     def _e2e_weight_bytes(self, results: dict[str, LayerResult], codes: bool) -> int:
         """GPU bytes of the trainable quantized model: per layer the packed weight and its scales (+ float32
