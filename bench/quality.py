@@ -34,7 +34,7 @@ from converter import convert  # noqa: E402
 from converter.calibration.conditioning import overlapping_prompts, save_conditioning  # noqa: E402
 from converter.calibration.engine import CalibrationSettings  # noqa: E402
 from testbed.bitflux import load_bitflux_flux  # noqa: E402
-from testbed.calibration_data import GPU_PROMPTS, testbed_conditioning  # noqa: E402
+from testbed.calibration_data import CPU_PROMPTS, GPU_PROMPTS, testbed_conditioning  # noqa: E402
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
 from testbed.prompts import eval_items, eval_prompts  # noqa: E402
@@ -136,12 +136,15 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"default {DEFAULT_GUIDANCE}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--calib-prompts", type=int, default=GPU_PROMPTS,
-                    help=f"testbed calibration prompts for calibrated methods ({GPU_PROMPTS})")
+    ap.add_argument("--calib-prompts", type=int,
+                    help=f"testbed calibration prompts for calibrated methods ({GPU_PROMPTS} on a GPU, "
+                    f"{CPU_PROMPTS} on a CPU)")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="override CalibrationSettings fields of every calibrated method, e.g. e2e_steps=500")
     ap.add_argument("--out", help="also write the table to this Markdown file")
     args = ap.parse_args()
+    if args.calib_prompts is None:
+        args.calib_prompts = GPU_PROMPTS if str(args.device).startswith("cuda") else CPU_PROMPTS
     overrides = dict(_setting(kv) for kv in args.set)
     fp_path = os.path.join(args.weights, FLUX_FILE)
     te = load_text_encoder(os.path.join(args.weights, TEXT_FILE), args.device)

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="distil only the scales (and branch); by default the ternary codes are learned too",
     )
     c.add_argument(
+        "--train-bias", action="store_true",
+        help="distil the quantized layers' biases too (both stages); the file holds the trained biases",
+    )
+    c.add_argument(
         "--lowrank", type=int, default=0, metavar="R", help="bf16 low-rank branch of rank R on ternary layers"
     )
     c.add_argument(
@@ -119,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,
               args.e2e_steps, args.a8_keep)
     calib_flags = (args.calib_data, args.budget, args.lowrank, args.calib_dir, args.no_gptq, args.no_learn_codes,
-                   args.keep_calib_dir)
+                   args.keep_calib_dir, args.train_bias)
     if not args.calibrate and (any(calib_flags) or any(v is not None for v in tuning)):
         print("error: calibration options need --calibrate", file=sys.stderr)
         return 2
@@ -150,6 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             **{k: v for k, v in given.items() if v is not None},
             gptq=not args.no_gptq,
             learn_codes=not args.no_learn_codes,
+            train_bias=args.train_bias,
             lowrank=args.lowrank,
             budget=args.budget,
             gpu_memory_gb=args.calib_gpu_memory,

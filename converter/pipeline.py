@@ -200,7 +200,7 @@ def _write_item(
     qw: Optional[QuantizedWeight] = None
     if spec.quantized:
         wd = w.to(dev)
-        qw = quantize_weight(wd, spec, method) if calibrated is None else calibrated[0]
+        qw = quantize_weight(wd, spec, method) if calibrated is None else calibrated.qw
         report.layers.append(LayerStat(item.name, spec.label, n * k, sqnr_db(wd, F.dequantize(qw).to(wd.device))))
         del wd
         qw = QuantizedWeight(
@@ -216,12 +216,14 @@ def _write_item(
         writer.write(f"{item.name}.weight", w16)
     del w
     if len(item.source_keys) > 1:
-        writer.write(f"{item.name}.bias", source.load(item.source_keys[1]).to(torch.bfloat16))
+        trained = None if calibrated is None else calibrated.bias
+        bias = trained if trained is not None else source.load(item.source_keys[1])
+        writer.write(f"{item.name}.bias", bias.to(torch.bfloat16))
     if spec.lora_rank:
-        if calibrated is None or calibrated[1] is None:
+        if calibrated is None or calibrated.lora is None:
             raise ConversionError(f"{item.name}: a low-rank branch is planned but calibration produced none")
-        writer.write(f"{item.name}.lora_down", calibrated[1][0].to(torch.bfloat16))
-        writer.write(f"{item.name}.lora_up", calibrated[1][1].to(torch.bfloat16))
+        writer.write(f"{item.name}.lora_down", calibrated.lora[0].to(torch.bfloat16))
+        writer.write(f"{item.name}.lora_up", calibrated.lora[1].to(torch.bfloat16))
     return qw
 
 

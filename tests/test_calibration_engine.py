@@ -263,20 +263,42 @@ def test_lowrank_branch_is_stored_and_helps(tiny):
     assert with_branch < 0.9 * calibrated, (with_branch, calibrated)
 
 
+def test_trained_biases_are_written_and_used(tiny):
+    """--train-bias: the quantized layers' biases in the file are the trained ones (not the checkpoint's), the
+    recorded block error is that of the file, and the extra freedom lowers it against the same run without."""
+    path = tiny["converted"]("bias", keep=True, train_bias=True, bias_lr=1e-2)
+    assert _record(path)["settings"]["train_bias"] is True
+    src, out = load_file(tiny["src"]), load_file(path)
+    changed = [layer for layer in read_header(path).layers
+               if not torch.equal(out[f"{layer}.bias"], src[f"{layer}.bias"].to(torch.bfloat16))]
+    assert len(changed) == len(read_header(path).layers)
+    # every other tensor outside the quantized layers is the checkpoint's
+    layers = read_header(path).layers
+    for k, t in out.items():
+        if k.rpartition(".")[0] not in layers and k in src:
+            assert torch.equal(t, src[k].to(t.dtype)), k
+    inputs = load_file(os.path.join(path + ".calib", "inputs.safetensors"))
+    after = _block0_error(tiny["fp"], load_bitflux_flux(path), inputs)
+    rec = _record(path)["block_error"]["double_blocks.0"]
+    assert rec["after"] == pytest.approx(after, rel=1e-3)
+    assert after < _record(_cal(tiny))["block_error"]["double_blocks.0"]["after"]
+
+
 # ---------------------------------------------------------------------------------------------- 4. resume
 
 
 @pytest.mark.parametrize(
-    "lowrank",
+    "extra",
     [
-        0,
-        4,
+        {},
+        {"lowrank": 4},
+        {"train_bias": True, "bias_lr": 1e-2},
     ],
-    ids=["plain", "lowrank"],
+    ids=["plain", "lowrank", "bias"],
 )
-def test_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, lowrank):
+def test_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, extra):
     settings = CalibrationSettings(tiny["cond"], **{**BASE, "distill_steps": 10, "micro_batch_tokens": 64,
-                                                    "lowrank": lowrank})
+                                                    **extra})
     out = str(tmp_path / "out.safetensors")
     state = out + ".calib"
     original = Calibrator.distill
@@ -373,6 +395,19 @@ def test_end_to_end_stage_lowers_the_velocity_error(tiny):
     assert velocity_error(fp, load_bitflux_flux(path)) < velocity_error(fp, load_bitflux_flux(_cal(tiny)))
     # the block stage is the same run's: the e2e file's block errors are the reference file's
     assert _record(path)["block_error"] == _record(_cal(tiny))["block_error"]
+
+
+def test_end_to_end_stage_trains_the_biases_too(tiny):
+    """With train_bias the stage moves the block stage's biases further, and what it records is the file."""
+    path = tiny["converted"]("e2e-bias", keep=True, train_bias=True, bias_lr=1e-2, **E2E)
+    block_stage = tiny["converted"]("bias", keep=True, train_bias=True, bias_lr=1e-2)
+    a, b = load_file(path), load_file(block_stage)
+    assert all(not torch.equal(a[f"{layer}.bias"], b[f"{layer}.bias"]) for layer in read_header(path).layers)
+    tr = load_file(os.path.join(path + ".calib", "inputs.safetensors"))
+    c = _cond(6, CFG.context_in_dim, CFG.vec_in_dim, seed=5)
+    rec = _record(path)["e2e_error"]
+    assert rec["after"] == pytest.approx(_trajectory_error(load_bitflux_flux(path), tr, c), rel=1e-3)
+    assert rec["before"] == pytest.approx(_trajectory_error(load_bitflux_flux(block_stage), tr, c), rel=1e-3)
 
 
 def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_path, monkeypatch):
@@ -689,7 +724,7 @@ def test_cli_argument_errors(tiny, tmp_path, capsys):
     "flags",
     [
         ["--keep-calib-dir"], ["--calib-gpu-memory", "4"], ["--distill-steps", "5"], ["--no-learn-codes"],
-        ["--calib-steps", "5"], ["--e2e-steps", "5"], ["--a8-keep", "0.5"],
+        ["--calib-steps", "5"], ["--e2e-steps", "5"], ["--a8-keep", "0.5"], ["--train-bias"],
     ],
     ids=lambda f: f[0],
 )

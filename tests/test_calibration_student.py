@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 
 import bitkernel.functional as BF
 from converter.calibration.student import StudentLinear, integer_codes
@@ -14,52 +15,60 @@ from kernel_reference import dequantize, expand_groups, unpack_codes
 FORMATS = [("ternary", 0, True), ("ternary", 64, True), ("int4", 64, True), ("int4", 128, False), ("int8", 0, True)]
 
 
-def _qw(fmt: str, group: int, sym: bool, n: int = 37, k: int = 192, zero_row: bool = True) -> BF.QuantizedWeight:
+def _qw(
+    fmt: str, group: int, sym: bool, n: int = 37, k: int = 192, zero_row: bool = True, device: str = "cpu"
+) -> BF.QuantizedWeight:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k + group)) * 0.05
     if zero_row:
         w[3] = 0  # a row (and its groups) of scale 0
-    return BF.quantize(w, fmt, group, symmetric=sym)
+    return BF.quantize(w.to(device), fmt, group, symmetric=sym)
 
 
 def _reference_codes(qw: BF.QuantizedWeight) -> torch.Tensor:
     """W = c * s: the integer c of every weight from the stored fields (docs/FORMAT.md)."""
-    c = unpack_codes(qw.fmt, qw.qweight).to(torch.float64)
+    c = unpack_codes(qw.fmt, qw.qweight.cpu()).to(torch.float64)
     if qw.fmt == "ternary":
         return c - 1
     if qw.fmt == "int4":
-        z = 8.0 if qw.zero is None else expand_groups(qw.zero.to(torch.float64), qw.in_features, qw.group_size)
+        z = 8.0 if qw.zero is None else expand_groups(qw.zero.cpu().to(torch.float64), qw.in_features, qw.group_size)
         return c - z
     return c
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt,group,sym", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_integer_codes_are_the_stored_integers(fmt, group, sym, dtype):
-    qw = _qw(fmt, group, sym)
+def test_integer_codes_are_the_stored_integers(fmt, group, sym, dtype, device):
+    qw = _qw(fmt, group, sym, device=device)
     c = integer_codes(qw, dtype)
-    assert c.dtype == dtype and c.shape == (qw.out_features, qw.in_features)
-    ref = _reference_codes(qw)
-    assert torch.equal(c.double(), ref), "codes are small integers: exact in every float dtype"
-    s = expand_groups(qw.scale.double(), qw.in_features, qw.group_size)
-    w = dequantize(qw.fmt, qw.qweight, qw.scale, qw.zero, qw.in_features, qw.group_size)
-    assert torch.allclose(ref * s, w, rtol=0, atol=1e-12)
+    assert c.dtype == dtype and c.shape == (qw.out_features, qw.in_features) and c.device.type == device
+    assert torch.equal(c.cpu().double(), _reference_codes(qw)), "codes are small integers: exact in every dtype"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt,group,sym", FORMATS)
 @pytest.mark.parametrize("m", [1, 7, 33])
-def test_student_forward_is_dequantize_then_matmul(fmt, group, sym, m):
-    """At initialisation (log-scale 0, no branch) the student is the file's layer: the reference dequantizes
-    the stored fields in float64 and multiplies."""
-    qw = _qw(fmt, group, sym)
+def test_student_forward_and_scale_gradient_against_float64(fmt, group, sym, m, device):
+    """At initialisation (log-scale 0, no branch) the student is the file's layer, and the gradient reaching
+    its log-scales is that of W = c * s0 * exp(t): both against float64 from the stored fields."""
+    qw = _qw(fmt, group, sym, device=device)
     bias = torch.randn(qw.out_features)
     x = torch.randn(m, qw.in_features, generator=torch.Generator().manual_seed(m))
-    student = StudentLinear(qw, bias)
+    student = StudentLinear(qw, bias.to(device))
     nk = qw.out_features * qw.in_features
-    assert all(b.numel() < nk for b in student.buffers()), "frozen codes stay packed"
+    assert student.qweight.data_ptr() == qw.qweight.data_ptr(), "frozen codes stay packed"
+    assert all(b.numel() < nk for name, b in student.named_buffers() if name != "qweight")
+    y = student(x.to(device))
+    y.pow(2).sum().backward()
+
     w = dequantize(qw.fmt, qw.qweight, qw.scale, qw.zero, qw.in_features, qw.group_size)
-    ref = x.double() @ w.T + bias.double()
-    y = student(x)
-    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5)
+    t = torch.zeros(qw.scale.shape, dtype=torch.float64, requires_grad=True)
+    w_t = w * expand_groups(torch.exp(t), qw.in_features, qw.group_size)
+    ref = x.double() @ w_t.T + bias.double()
+    ref.pow(2).sum().backward()
+    assert torch.allclose(y.cpu().double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    g = student.log_scale.grad.cpu().double()
+    assert torch.allclose(g, t.grad, rtol=1e-3, atol=1e-3 * t.grad.abs().max().item())
 
 
 def test_scales_train_and_the_export_keeps_the_codes():
@@ -73,8 +82,9 @@ def test_scales_train_and_the_export_keeps_the_codes():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out, lora = student.export()
-    assert lora is None and torch.equal(out.qweight, qw.qweight)
+    res = student.export()
+    out = res.qw
+    assert res.lora is None and res.bias is None and torch.equal(out.qweight, qw.qweight)
     assert torch.allclose(out.scale, 1.5 * qw.scale, rtol=1e-2)
 
 
@@ -86,7 +96,49 @@ def test_learned_codes_export_their_rounding():
     with torch.no_grad():
         student.u.copy_(torch.randn(student.u.shape, generator=torch.Generator().manual_seed(2)) * 2)
         student.log_scale.fill_(0.1)
-    out, _ = student.export()
+    out = student.export().qw
     expect = torch.clamp(torch.round(student.u.detach()), -1, 1).double()
     assert torch.equal(_reference_codes(out), expect)
     assert torch.allclose(out.scale, qw.scale * torch.exp(torch.tensor(0.1)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_trained_bias_is_a_parameter_and_exported_in_bf16(train_bias):
+    qw = _qw("ternary", 0, True, zero_row=False)
+    bias = torch.randn(qw.out_features)
+    given = bias.clone()
+    student = StudentLinear(qw, bias, train_bias=train_bias)
+    params = dict(student.named_parameters())
+    assert ("bias" in params) == train_bias
+    if not train_bias:
+        assert student.export().bias is None  # the converter writes the checkpoint's
+        return
+    delta = torch.linspace(-0.5, 0.5, qw.out_features)
+    x = torch.randn(32, qw.in_features)
+    target = F.linear(x, BF.dequantize(qw)) + bias + delta
+    opt = torch.optim.Adam([student.bias], lr=0.02)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / 400)
+    for _ in range(400):
+        loss = (student(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    out = student.export().bias
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), bias + delta, atol=2e-2)
+    assert torch.equal(student.bias.detach(), out.float()), "the student continues from what the file holds"
+    assert torch.equal(bias, given), "the teacher's bias is never trained in place"
+
+
+def test_straight_through_gradient_reaches_the_latent():
+    """W = round(u) * s in the forward; d loss / d u = d loss / d W * s (the rounding passes the gradient)."""
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+    qw = BF.quantize(w, "ternary")
+    student = StudentLinear(qw, None, latent=w)
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(4))
+    student(x).pow(2).sum().backward()
+    s = qw.scale.double().reshape(-1, 1)
+    wq = (_reference_codes(qw) * s).requires_grad_(True)
+    (x.double() @ wq.T).pow(2).sum().backward()
+    assert torch.allclose(student.u.grad.double(), wq.grad * s, rtol=1e-4, atol=1e-6)

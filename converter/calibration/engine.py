@@ -68,9 +68,7 @@ from .lowrank import svd_lowrank_init, with_branch
 from .sensitivity import plan_formats
 from .state import E2E_FILE, INPUTS_FILE, CalibrationState
 from .streamed import StreamedFlux, block_layers, block_names, run_block
-from .student import StudentLinear, act_rounding
-
-LayerResult = tuple[QuantizedWeight, Optional[tuple[Tensor, Tensor]]]
+from .student import LayerResult, StudentLinear, act_rounding
 
 
 @dataclass
@@ -90,6 +88,8 @@ class CalibrationSettings:
     scale_lr: float = 2e-3
     lowrank_lr: float = 3e-4
     lowrank: int = 0  # rank of the bf16 branch on ternary layers
+    train_bias: bool = False  # distil the quantized linears' biases too (both stages)
+    bias_lr: float = 1e-4
     e2e_steps: int = 2000  # Adam steps of end-to-end velocity matching over all blocks (0: off)
     e2e_batch: int = 0  # samples per end-to-end step (0: as many as fit micro_batch_tokens)
     e2e_lr: float = 0.3  # end-to-end learning rates, as a multiple of the block stage's (1 and 3 measured worse)
@@ -328,7 +328,7 @@ class Calibrator:
             lora = None
             if spec.lora_rank:
                 lora = svd_lowrank_init(w - BF.dequantize(qw), spec.lora_rank, hess)
-            out[layer] = (qw, lora)
+            out[layer] = LayerResult(qw, lora)
             del w, hess
         return out
 
@@ -338,23 +338,25 @@ class Calibrator:
         """fp with its quantized linears replaced by StudentLinear. Only the module tree is copied: the
         tensors stay shared with fp (never trained, never modified), so no second copy of the block."""
         block = copy.deepcopy(fp, memo={id(t): t for t in itertools.chain(fp.parameters(), fp.buffers())})
-        for layer, (qw, lora) in layers.items():
+        for layer, res in layers.items():
             path = layer[len(name) + 1 :]
             old = block.get_submodule(path)
-            bias = None if old.bias is None else old.bias.detach().float()
+            bias = res.bias if res.bias is not None else old.bias
+            bias = None if bias is None else bias.detach().float()
+            qw = res.qw
             qw = QuantizedWeight(
                 qw.fmt, qw.qweight.to(self.device), qw.scale.to(self.device),
                 None if qw.zero is None else qw.zero.to(self.device), qw.in_features, qw.group_size,
             )
             latent = old.weight.detach() if learn_codes and qw.fmt == "ternary" else None
             rounding = act_rounding(qw.fmt, self.device) if self.specs[layer].act == "a8" else None
-            block.set_submodule(path, StudentLinear(qw, bias, lora, latent, rounding))
+            block.set_submodule(path, StudentLinear(qw, bias, res.lora, latent, rounding, self.s.train_bias))
         return block
 
     def _codes_fit(self, name: str, layers: dict[str, LayerResult]) -> bool:
         """Whether learning the block's ternary codes (float32 latent, gradient, two Adam moments: 16 bytes
         per weight) leaves room for its activations (a quarter of what is free); if not, says so."""
-        need = 16 * sum(qw.scale.shape[0] * qw.in_features for qw, _ in layers.values() if qw.fmt == "ternary")
+        need = 16 * sum(r.qw.scale.shape[0] * r.qw.in_features for r in layers.values() if r.qw.fmt == "ternary")
         free = self._free()
         if need <= 0.75 * free:
             return True
@@ -374,11 +376,13 @@ class Calibrator:
     def _train(
         self, student: nn.Module, steps: int, lr_mult: float, batches: list[list[int]], loss_fn: Any
     ) -> None:
-        """Adam on the StudentLinears of `student` (log-scales, branches, code latents), cosine schedule."""
+        """Adam on the StudentLinears of `student` (log-scales, branches, code latents, biases), cosine
+        schedule."""
         lins = [m for m in student.modules() if isinstance(m, StudentLinear)]
         params_s = [m.log_scale for m in lins]
         params_l = [p for m in lins if m.down is not None for p in (m.down, m.up)]
         params_u = [m.u for m in lins if m.u is not None]
+        params_b = [m.bias for m in lins if isinstance(m.bias, nn.Parameter)]
         if not steps or not params_s:
             return
         groups = [{"params": params_s, "lr": self.s.scale_lr * lr_mult}]
@@ -386,11 +390,13 @@ class Calibrator:
             groups.append({"params": params_l, "lr": self.s.lowrank_lr * lr_mult})
         if params_u:
             groups.append({"params": params_u, "lr": self.s.code_lr * lr_mult})
+        if params_b:
+            groups.append({"params": params_b, "lr": self.s.bias_lr * lr_mult})
         opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
         gen = torch.Generator().manual_seed(self.s.seed)
         student.requires_grad_(False)
-        for p in params_s + params_l + params_u:
+        for p in params_s + params_l + params_u + params_b:
             p.requires_grad_(True)
         for _ in range(steps):
             loss = loss_fn(batches[int(torch.randint(len(batches), (1,), generator=gen))])
@@ -401,7 +407,7 @@ class Calibrator:
             with torch.no_grad():
                 for u in params_u:  # beyond +-1.5 a latent only stores momentum that no longer changes a code
                     u.clamp_(-1.5, 1.5)
-        for p in params_s + params_l + params_u:
+        for p in params_s + params_l + params_u + params_b:
             p.requires_grad_(False)
 
     def _loss(self, block: nn.Module, idx: list[int], xs: Acts, yt: Acts, last: bool) -> Tensor:
@@ -466,27 +472,37 @@ class Calibrator:
                 return sum(self._velocity_loss(blocks, idx).item() for idx in probe) / len(probe)
 
         before = error()
+        t_train = time.monotonic()
         self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
                     lambda idx: self._velocity_loss(blocks, idx, grad=True))
+        t_train = time.monotonic() - t_train
         for name, block in zip(self.blocks, blocks):
             results.update({k: m.export() for k, m in self._students(name, block).items()})
         after = error()  # on what the file holds (export rounds the branch to bf16)
         self.seconds["e2e"] = time.monotonic() - t0
         return {"before": before, "after": after, "samples": len(lens), "codes": codes,
-                "batch": max(len(b) for b in batches), "seconds": round(self.seconds["e2e"], 1)}
+                "samples_per_step": max(len(b) for b in batches), "seconds": round(self.seconds["e2e"], 1),
+                "train_seconds": round(t_train, 1)}
 
     def _e2e_weight_bytes(self, results: dict[str, LayerResult], codes: bool) -> int:
         """GPU bytes of the trainable quantized model: per layer the packed weight and its scales (+ float32
-        latent, gradient and two Adam moments per ternary weight with learned codes), the blocks'
-        full-precision tensors, and the largest layer's transient codes, weight and gradient (16 bytes a
-        weight at most) while it runs."""
+        latent, gradient and two Adam moments per ternary weight with learned codes; the same per weight of
+        a low-rank branch), the blocks' full-precision tensors, and while a block is recomputed for the
+        backward its decoded codes and weights (2 + 2 bytes a weight, kept until the block's backward is
+        done) plus the largest layer's weight gradient (8 bytes a weight at most)."""
         total, largest = 0, 0
-        for qw, _ in results.values():
+        per_block: dict[str, int] = {}
+        for layer, r in results.items():
+            qw = r.qw
             n, k = qw.scale.shape[0], qw.in_features
-            total += qw.qweight.numel() + 6 * qw.scale.numel() * 4  # scale, scale0, log-scale, grad, 2 moments
+            total += qw.qweight.numel() + 5 * qw.scale.numel() * 4  # scale, log-scale, grad, 2 moments
             total += n * k * (16 if codes and qw.fmt == "ternary" else 0)
+            if r.lora is not None:
+                total += 16 * r.lora[0].shape[0] * (n + k)
             largest = max(largest, n * k)
-        total += 16 * largest
+            block = layer.split(".")[0] + "." + layer.split(".")[1]
+            per_block[block] = per_block.get(block, 0) + n * k
+        total += 4 * max(per_block.values(), default=0) + 8 * largest
         shapes = self.source.shapes()
         esize = torch.finfo(self.dtype).bits // 8
         for key, shape in shapes.items():
@@ -610,7 +626,7 @@ class Calibrator:
             qw = QuantizedWeight(spec.format, t[f"{layer}.qweight"], t[f"{layer}.scale"], t.get(f"{layer}.zero"), k,
                                  spec.group_size)
             lora = (t[f"{layer}.lora_down"], t[f"{layer}.lora_up"]) if f"{layer}.lora_down" in t else None
-            out[layer] = (qw, lora)
+            out[layer] = LayerResult(qw, lora, t.get(f"{layer}.bias"))
         return out
 
 
@@ -625,12 +641,15 @@ def _split(batches: list[list[int]], size: int) -> list[list[int]]:
 
 def _block_tensors(layers: dict[str, LayerResult]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    for layer, (qw, lora) in layers.items():
+    for layer, r in layers.items():
+        qw = r.qw
         out[f"{layer}.qweight"], out[f"{layer}.scale"] = qw.qweight, qw.scale
         if qw.zero is not None:
             out[f"{layer}.zero"] = qw.zero
-        if lora is not None:
-            out[f"{layer}.lora_down"], out[f"{layer}.lora_up"] = lora
+        if r.lora is not None:
+            out[f"{layer}.lora_down"], out[f"{layer}.lora_up"] = r.lora
+        if r.bias is not None:
+            out[f"{layer}.bias"] = r.bias
     return out
 
 

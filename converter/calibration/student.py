@@ -9,6 +9,7 @@ so they stay positive and one learning rate suits layers of any magnitude.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,6 +20,16 @@ import bitkernel.functional as BF
 from bitkernel.formats import QuantizedWeight
 
 from .gptq import pack_ternary
+
+
+@dataclass
+class LayerResult:
+    """A quantized layer as calibration leaves it (CPU tensors): the weight, the optional bf16 branch
+    (down [r, K], up [N, r]) and, where calibration trained it, the bias (bf16; None: the checkpoint's)."""
+
+    qw: QuantizedWeight
+    lora: Optional[tuple[Tensor, Tensor]] = None
+    bias: Optional[Tensor] = None
 
 
 def integer_codes(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -68,14 +79,17 @@ class StudentLinear(nn.Module):
 
     def __init__(
         self, qw: QuantizedWeight, bias: Optional[Tensor], lora: Optional[tuple[Tensor, Tensor]] = None,
-        latent: Optional[Tensor] = None, act_rounding: Optional[str] = None,
+        latent: Optional[Tensor] = None, act_rounding: Optional[str] = None, train_bias: bool = False,
     ):
         """`latent`: the full-precision weight of a ternary layer, to learn the codes too (see _latent_init);
         `act_rounding`: the layer runs with 8-bit activations (A8) rounded this way (fake_quant_act), so it
-        is trained with them."""
+        is trained with them; `train_bias`: the bias is trained too (a layer without one stays without)."""
         super().__init__()
-        self.qw, self.act_rounding = qw, act_rounding
+        self.fmt, self.group_size, self._k, self.act_rounding = qw.fmt, qw.group_size, qw.in_features, act_rounding
         device = qw.qweight.device
+        # buffers, so that .to() moves the frozen codes with the scales
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("zero", qw.zero)
         self.register_buffer("scale0", qw.scale.to(device, torch.float32))
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         self.u = None
@@ -83,7 +97,10 @@ class StudentLinear(nn.Module):
             if qw.fmt != "ternary":
                 raise ValueError("only ternary codes are learned")
             self.u = nn.Parameter(self._latent_init(latent.to(device, torch.float32)))
-        self.register_buffer("bias", None if bias is None else bias.to(device, torch.float32))
+        if train_bias and bias is not None:  # the per-row mean of the quantization error, which scales cannot undo
+            self.bias = nn.Parameter(bias.detach().to(device, torch.float32, copy=True))  # never the teacher's
+        else:
+            self.register_buffer("bias", None if bias is None else bias.to(device, torch.float32))
         self.down = self.up = None
         if lora is not None:
             self.down = nn.Parameter(lora[0].to(device, torch.float32))
@@ -91,7 +108,12 @@ class StudentLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.qw.in_features
+        return self._k
+
+    @property
+    def qw(self) -> QuantizedWeight:
+        """The layer as calibration received it (initial scales)."""
+        return QuantizedWeight(self.fmt, self.qweight, self.scale0, self.zero, self._k, self.group_size)
 
     def scale(self) -> Tensor:
         return self.scale0 * torch.exp(self.log_scale)
@@ -101,7 +123,7 @@ class StudentLinear(nn.Module):
         straight-through estimator. u starts at the full-precision weight clamped into the bin of
         the code it already has (GPTQ's), so training starts from GPTQ's rounding while keeping
         how close each weight sits to a flip."""
-        s = _expand(self.scale0, self.qw.group_size, self.in_features)
+        s = _expand(self.scale0, self.group_size, self.in_features)
         c = integer_codes(self.qw)
         u = torch.where(s > 0, w / torch.where(s > 0, s, 1), c)
         return torch.minimum(torch.maximum(u, c - 0.49), c + 0.49)
@@ -111,7 +133,7 @@ class StudentLinear(nn.Module):
             c = integer_codes(self.qw, dtype)
         else:  # straight-through: the forward uses the rounded codes, the gradient flows to u
             c = (self.u + (torch.clamp(torch.round(self.u), -1, 1) - self.u).detach()).to(dtype)
-        return c * _expand(self.scale(), self.qw.group_size, self.in_features).to(dtype)
+        return c * _expand(self.scale(), self.group_size, self.in_features).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype  # the block's compute dtype; the trained parameters stay float32
@@ -121,8 +143,8 @@ class StudentLinear(nn.Module):
             y = y + F.linear(F.linear(x, self.down.to(dtype)), self.up.to(dtype))
         return y
 
-    def export(self) -> tuple[QuantizedWeight, Optional[tuple[Tensor, Tensor]]]:
-        """The trained layer in the canonical format (CPU tensors), the branch in bf16."""
+    def export(self) -> LayerResult:
+        """The trained layer in the canonical format (CPU tensors), the branch and a trained bias in bf16."""
         qw = self.qw
         scale = self.scale().detach().float().cpu()
         if self.u is not None:
@@ -136,4 +158,9 @@ class StudentLinear(nn.Module):
                 self.down.copy_(self.down.to(torch.bfloat16))
                 self.up.copy_(self.up.to(torch.bfloat16))
             lora = (self.down.detach().to(torch.bfloat16).cpu(), self.up.detach().to(torch.bfloat16).cpu())
-        return out, lora
+        bias = None
+        if isinstance(self.bias, nn.Parameter):
+            with torch.no_grad():
+                self.bias.copy_(self.bias.to(torch.bfloat16))
+            bias = self.bias.detach().to(torch.bfloat16).cpu()
+        return LayerResult(out, lora, bias)
