@@ -410,6 +410,14 @@ def test_end_to_end_stage_trains_the_biases_too(tiny):
     assert rec["before"] == pytest.approx(_trajectory_error(load_bitflux_flux(block_stage), tr, c), rel=1e-3)
 
 
+def test_end_to_end_stage_shows_its_progress(tiny, tmp_path, capsys):
+    """The stage is the long one on FLUX.1-dev: a bar over its steps with the time left and the error."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "e2e_steps": 10})
+    convert(tiny["src"], str(tmp_path / "out.safetensors"), device="cpu", progress=True, calibration=settings)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "end to end: error" in ln]
+    assert lines and "10.00/10.00 steps" in lines[-1] and "left" in lines[-1], lines
+
+
 def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_path, monkeypatch):
     settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E})
     out = str(tmp_path / "out.safetensors")

@@ -374,10 +374,11 @@ class Calibrator:
         return before
 
     def _train(
-        self, student: nn.Module, steps: int, lr_mult: float, batches: list[list[int]], loss_fn: Any
+        self, student: nn.Module, steps: int, lr_mult: float, batches: list[list[int]], loss_fn: Any,
+        bar_label: Optional[str] = None,
     ) -> None:
         """Adam on the StudentLinears of `student` (log-scales, branches, code latents, biases), cosine
-        schedule."""
+        schedule; with bar_label a progress bar over the steps (the end-to-end stage can take hours)."""
         lins = [m for m in student.modules() if isinstance(m, StudentLinear)]
         params_s = [m.log_scale for m in lins]
         params_l = [p for m in lins if m.down is not None for p in (m.down, m.up)]
@@ -398,15 +399,22 @@ class Calibrator:
         student.requires_grad_(False)
         for p in params_s + params_l + params_u + params_b:
             p.requires_grad_(True)
-        for _ in range(steps):
+        bar = Progress(steps, self.show_progress and bar_label is not None, unit="steps", per_unit=1)
+        shown = float("nan")
+        for step in range(steps):
             loss = loss_fn(batches[int(torch.randint(len(batches), (1,), generator=gen))])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if bar.enabled:
+                if step % 20 == 0:  # .item() waits for the GPU: not every step
+                    shown = loss.item()
+                bar.advance(1, f"{bar_label}: error {shown:.4f}")
             with torch.no_grad():
                 for u in params_u:  # beyond +-1.5 a latent only stores momentum that no longer changes a code
                     u.clamp_(-1.5, 1.5)
+        bar.close()
         for p in params_s + params_l + params_u + params_b:
             p.requires_grad_(False)
 
@@ -474,7 +482,7 @@ class Calibrator:
         before = error()
         t_train = time.monotonic()
         self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
-                    lambda idx: self._velocity_loss(blocks, idx, grad=True))
+                    lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end")
         t_train = time.monotonic() - t_train
         for name, block in zip(self.blocks, blocks):
             results.update({k: m.export() for k, m in self._students(name, block).items()})
