@@ -447,6 +447,40 @@ def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_
     assert len(e2e.calls) == 1 and quantized.calls == []
 
 
+@pytest.mark.parametrize("learn_codes", [False, True], ids=["scales", "codes"])
+def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, tmp_path, monkeypatch, capsys,
+                                                                         learn_codes):
+    """An interrupt at step 27 of 40: the next run restores the parameters, Adam's state and the batch
+    sampler saved at step 26 (every steps / 20) and trains the 14 steps left, to the uninterrupted file."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": learn_codes})
+    ref = str(tmp_path / "ref.safetensors")
+    convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
+    out = str(tmp_path / "out.safetensors")
+    original, calls = Calibrator._velocity_loss, []
+
+    def counted(self, blocks, idx, grad=False, stop=None):
+        if grad:
+            calls.append(idx)
+            if stop is not None and len(calls) == stop:
+                raise KeyboardInterrupt
+        return original(self, blocks, idx, grad)
+
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False: counted(self, b, i, grad, stop=28))
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    with open(os.path.join(out + ".calib", "state.json")) as f:
+        assert json.load(f)["e2e_progress"]["step"] == 26
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False: counted(self, b, i, grad))
+        convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert len(calls) == 40 - 26
+    assert "continuing at step 26" in capsys.readouterr().out
+    _tensors_equal(out, ref)
+    assert _record(out)["e2e_error"]["after"] == _record(ref)["e2e_error"]["after"]
+
+
 def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, capsys):
     """Learned codes need 16 bytes per weight more, frozen ones stay packed (a quarter byte): with room for
     the frozen codes only the stage trains scales (the block stage's codes are kept), with no room it is

@@ -66,7 +66,7 @@ from .conditioning import load_conditioning
 from .gptq import HessianAccumulator, gptq_ternary
 from .lowrank import svd_lowrank_init, with_branch
 from .sensitivity import plan_formats
-from .state import E2E_FILE, INPUTS_FILE, CalibrationState
+from .state import E2E_FILE, E2E_PROGRESS_FILE, INPUTS_FILE, CalibrationState
 from .streamed import StreamedFlux, block_layers, block_names, run_block
 from .student import LayerResult, StudentLinear, act_rounding
 
@@ -375,10 +375,12 @@ class Calibrator:
 
     def _train(
         self, student: nn.Module, steps: int, lr_mult: float, batches: list[list[int]], loss_fn: Any,
-        bar_label: Optional[str] = None,
+        bar_label: Optional[str] = None, resumable: bool = False,
     ) -> None:
         """Adam on the StudentLinears of `student` (log-scales, branches, code latents, biases), cosine
-        schedule; with bar_label a progress bar over the steps (the end-to-end stage can take hours)."""
+        schedule; with bar_label a progress bar over the steps (the end-to-end stage can take hours), and
+        `resumable` saves the parameters, Adam's state and the batch sampler 20 times over the run to the
+        state folder and continues from there after an interrupt (the end-to-end stage)."""
         lins = [m for m in student.modules() if isinstance(m, StudentLinear)]
         params_s = [m.log_scale for m in lins]
         params_l = [p for m in lins if m.down is not None for p in (m.down, m.up)]
@@ -394,19 +396,24 @@ class Calibrator:
         if params_b:
             groups.append({"params": params_b, "lr": self.s.bias_lr * lr_mult})
         opt = torch.optim.Adam(groups)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+        base_lr = [g["lr"] for g in opt.param_groups]
+        params = [p for g in opt.param_groups for p in g["params"]]
         gen = torch.Generator().manual_seed(self.s.seed)
+        start = self._load_progress(params, opt, gen) if resumable else 0
+        every = max(1, steps // 20)
         student.requires_grad_(False)
-        for p in params_s + params_l + params_u + params_b:
+        for p in params:
             p.requires_grad_(True)
         bar = Progress(steps, self.show_progress and bar_label is not None, unit="steps", per_unit=1)
+        bar.advance(start)
         shown = float("nan")
-        for step in range(steps):
+        for step in range(start, steps):
+            for g, lr in zip(opt.param_groups, base_lr):  # cosine decay to 0
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             loss = loss_fn(batches[int(torch.randint(len(batches), (1,), generator=gen))])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
             if bar.enabled:
                 if step % 20 == 0:  # .item() waits for the GPU: not every step
                     shown = loss.item()
@@ -414,9 +421,39 @@ class Calibrator:
             with torch.no_grad():
                 for u in params_u:  # beyond +-1.5 a latent only stores momentum that no longer changes a code
                     u.clamp_(-1.5, 1.5)
+            if resumable and (step + 1) % every == 0 and step + 1 < steps:
+                self._save_progress(step + 1, params, opt, gen)
         bar.close()
-        for p in params_s + params_l + params_u + params_b:
+        for p in params:
             p.requires_grad_(False)
+
+    def _save_progress(self, step: int, params: list[Tensor], opt: torch.optim.Optimizer, gen: torch.Generator
+                       ) -> None:
+        t: dict[str, Tensor] = {"sampler": gen.get_state()}
+        for i, p in enumerate(params):
+            st = opt.state[p]
+            t[f"{i}.param"], t[f"{i}.exp_avg"], t[f"{i}.exp_avg_sq"] = p.detach(), st["exp_avg"], st["exp_avg_sq"]
+            t[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+        self.state.save_tensors(E2E_PROGRESS_FILE, t)
+        self.state.data["e2e_progress"] = {"settings": self.s.e2e_key(), "step": step}
+        self.state.save()
+
+    def _load_progress(self, params: list[Tensor], opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+        """The step a saved run of the same settings reached (its state restored), else 0."""
+        saved = self.state.data.get("e2e_progress")
+        if not saved or saved.get("settings") != self.s.e2e_key():
+            return 0
+        t = self.state.load_tensors(E2E_PROGRESS_FILE)
+        if t is None or any(t[f"{i}.param"].shape != p.shape for i, p in enumerate(params)):
+            return 0
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(t[f"{i}.param"])
+                opt.state[p] = {"step": t[f"{i}.step"].reshape(()).clone(), "exp_avg": t[f"{i}.exp_avg"].to(p.device),
+                                "exp_avg_sq": t[f"{i}.exp_avg_sq"].to(p.device)}
+        gen.set_state(t["sampler"])
+        print(f"end-to-end stage: continuing at step {saved['step']}", flush=True)
+        return int(saved["step"])
 
     def _loss(self, block: nn.Module, idx: list[int], xs: Acts, yt: Acts, last: bool) -> Tensor:
         img, txt, vec = xs.batch(idx, self.device, self.dtype)
@@ -482,7 +519,7 @@ class Calibrator:
         before = error()
         t_train = time.monotonic()
         self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
-                    lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end")
+                    lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end", resumable=True)
         t_train = time.monotonic() - t_train
         for name, block in zip(self.blocks, blocks):
             results.update({k: m.export() for k, m in self._students(name, block).items()})

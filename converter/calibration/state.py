@@ -28,6 +28,7 @@ STATE_FILE = "state.json"
 INPUTS_FILE = "inputs.safetensors"
 SENSITIVITY_FILE = "sensitivity.json"
 E2E_FILE = "e2e.safetensors"
+E2E_PROGRESS_FILE = "e2e_progress.safetensors"  # the end-to-end stage's parameters and Adam state mid-way
 ACT_SENSITIVITY_FILE = "act_sensitivity.json"
 
 
@@ -38,7 +39,8 @@ def remove_state(folder: str) -> None:
         return
     with open(path) as f:
         done = json.load(f).get("done", [])
-    files = [INPUTS_FILE, SENSITIVITY_FILE, ACT_SENSITIVITY_FILE, E2E_FILE, *(f"{b}.safetensors" for b in done)]
+    files = [INPUTS_FILE, SENSITIVITY_FILE, ACT_SENSITIVITY_FILE, E2E_FILE, E2E_PROGRESS_FILE,
+             *(f"{b}.safetensors" for b in done)]
     for name in [*files, STATE_FILE]:
         p = os.path.join(folder, name)
         if os.path.exists(p):
