@@ -52,6 +52,8 @@ METHODS = {
     "gptq+scales+codes+e2e (default)": {**T, "calibration": {}},
     "gptq+scales+codes+e2e a8": {**T, "default_format": "ternary+a8", "calibration": {}},
     "gptq+scales+codes+e2e r16": {**T, "calibration": {"lowrank": 16}},
+    # what FLUX.1-dev gets on any single GPU: codes learned per block, frozen in the end-to-end stage
+    "gptq+scales+codes+e2e scales-only": {**T, "calibration": {"e2e_learn_codes": False}},
     "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits"}},
     "gptq+scales+codes": {**T, "calibration": NO_E2E},
     "gptq+scales+e2e": {**T, "calibration": NO_CODES},

@@ -481,6 +481,20 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
     assert _record(out)["e2e_error"]["after"] == _record(ref)["e2e_error"]["after"]
 
 
+def test_end_to_end_stage_without_codes_keeps_the_block_stages_codes(tiny):
+    """e2e_learn_codes=False (what FLUX.1-dev's size forces on any GPU): the block stage learns codes, the
+    end-to-end stage trains scales only."""
+    with_codes = tiny["converted"]("e2e-codes", learn_codes=True, **E2E)
+    frozen = tiny["converted"]("e2e-frozen", learn_codes=True, e2e_learn_codes=False, **E2E)
+    block_stage = tiny["converted"]("codes", learn_codes=True)
+    assert _record(frozen)["e2e_error"]["codes"] is False and _record(with_codes)["e2e_error"]["codes"] is True
+    a, b, c = load_file(frozen), load_file(block_stage), load_file(with_codes)
+    layers = read_header(frozen).layers
+    assert all(torch.equal(a[f"{layer}.qweight"], b[f"{layer}.qweight"]) for layer in layers)
+    assert any(not torch.equal(c[f"{layer}.qweight"], b[f"{layer}.qweight"]) for layer in layers)
+    assert any(not torch.equal(a[f"{layer}.scale"], b[f"{layer}.scale"]) for layer in layers)
+
+
 def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, capsys):
     """Learned codes need 16 bytes per weight more, frozen ones stay packed (a quarter byte): with room for
     the frozen codes only the stage trains scales (the block stage's codes are kept), with no room it is

@@ -92,6 +92,7 @@ class CalibrationSettings:
     bias_lr: float = 1e-4
     e2e_steps: int = 2000  # Adam steps of end-to-end velocity matching over all blocks (0: off)
     e2e_batch: int = 0  # samples per end-to-end step (0: as many as fit micro_batch_tokens)
+    e2e_learn_codes: bool = True  # with learn_codes, learn them in the end-to-end stage too where they fit
     e2e_lr: float = 0.3  # end-to-end learning rates, as a multiple of the block stage's (1 and 3 measured worse)
     budget: Optional[str] = None  # mixed precision under this size (mixed.parse_budget)
     a8_keep: Optional[float] = None  # A8 on eligible layers but this most sensitive fraction (None: as specs say)
@@ -102,7 +103,7 @@ class CalibrationSettings:
     state_dir: Optional[str] = None  # default: <output>.calib next to the output
 
     def e2e_key(self) -> dict[str, Any]:
-        return {"steps": self.e2e_steps, "batch": self.e2e_batch, "lr": self.e2e_lr}
+        return {"steps": self.e2e_steps, "batch": self.e2e_batch, "lr": self.e2e_lr, "codes": self.e2e_learn_codes}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without where the run keeps its files."""
@@ -118,7 +119,7 @@ class CalibrationSettings:
         # the end-to-end stage's settings do not change the block stage: whether it runs (its trajectories
         # are captured then) does; its own settings are checked against its saved result (e2e_key)
         d["e2e"] = bool(d.pop("e2e_steps"))
-        for k in ("e2e_batch", "e2e_lr"):
+        for k in ("e2e_batch", "e2e_lr", "e2e_learn_codes"):
             d.pop(k)
         d["conditioning"] = cond_sha
         # the checkpoint's files by absolute path, size and modification time: another file of the same name
@@ -478,7 +479,7 @@ class Calibrator:
             raise ConversionError("the captured inputs hold no trajectories; delete the calibration folder")
         self.model.release()  # the teacher's blocks: the stage needs the room, and later reads build them anew
         gib, free = 2**30, self._free()
-        codes = self.s.learn_codes
+        codes = self.s.learn_codes and self.s.e2e_learn_codes
         with_codes = self._e2e_weight_bytes(results, True)
         if codes and with_codes > free:
             codes = False  # FLUX.1-dev's latents and Adam state (~190 GB) fit no single GPU: scales and branches
