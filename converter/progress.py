@@ -22,11 +22,13 @@ def _duration(seconds: float) -> str:
 class Progress:
     def __init__(
         self, total: float, enabled: bool = True, stream: Optional[TextIO] = None, unit: str = "GB",
-        per_unit: float = 1e9,
+        per_unit: float = 1e9, initial: float = 0,
     ) -> None:
+        """`initial`: work done before this bar started (a resumed run): shown as done, not counted in the
+        rate that the time left is estimated from."""
         self.total = max(total, 1)
         self.unit, self.per_unit = unit, per_unit
-        self.done = 0
+        self.done = self._initial = min(initial, self.total)
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -55,7 +57,8 @@ class Progress:
 
     def _line(self, frac: float, now: float, note: str) -> str:
         elapsed = now - self.start
-        eta = elapsed * (1 - frac) / frac if frac > 0 else 0.0
+        rate_done = self.done - self._initial
+        eta = elapsed * (self.total - self.done) / rate_done if rate_done > 0 else 0.0
         width = 30
         bar = "#" * int(frac * width) + "." * (width - int(frac * width))
         line = (

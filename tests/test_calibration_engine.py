@@ -469,8 +469,8 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
         m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False: counted(self, b, i, grad, stop=28))
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
-    with open(os.path.join(out + ".calib", "state.json")) as f:
-        assert json.load(f)["e2e_progress"]["step"] == 26
+    saved = load_file(os.path.join(out + ".calib", "e2e_progress.safetensors"))
+    assert int(saved["@step"]) == 26
     calls.clear()
     with monkeypatch.context() as m:
         m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False: counted(self, b, i, grad))
@@ -479,6 +479,43 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
     assert "continuing at step 26" in capsys.readouterr().out
     _tensors_equal(out, ref)
     assert _record(out)["e2e_error"]["after"] == _record(ref)["e2e_error"]["after"]
+
+
+def test_end_to_end_progress_of_another_run_is_not_continued(tiny, tmp_path, monkeypatch, capsys):
+    """Saved progress with learned codes, a run where they no longer fit (or the other way round): the
+    parameters are not the same, so the stage starts again, says so, and gives the uninterrupted file."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True})
+    out = str(tmp_path / "out.safetensors")
+    original = Calibrator._velocity_loss
+    calls = []
+
+    def stop_at_28(self, blocks, idx, grad=False):
+        if grad:
+            calls.append(idx)
+            if len(calls) == 28:
+                raise KeyboardInterrupt
+        return original(self, blocks, idx, grad)
+
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "_velocity_loss", stop_at_28)
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    # the same settings, but now only the scales fit next to the activations
+    original_bytes = Calibrator._e2e_weight_bytes
+    monkeypatch.setattr(Calibrator, "_e2e_weight_bytes",
+                        lambda self, results, codes: 1 << 63 if codes else original_bytes(self, results, codes))
+    calls.clear()
+    def counted(self, blocks, idx, grad=False):
+        if grad:
+            calls.append(idx)
+        return original(self, blocks, idx, grad)
+
+    monkeypatch.setattr(Calibrator, "_velocity_loss", counted)
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
+    said = capsys.readouterr().out
+    assert "saved progress is of another run" in said and len(calls) == 40
+    assert _record(out)["e2e_error"]["codes"] is False
+    assert not os.path.exists(os.path.join(out + ".calib", "e2e_progress.safetensors"))  # removed when done
 
 
 def test_end_to_end_stage_without_codes_keeps_the_block_stages_codes(tiny):

@@ -154,3 +154,15 @@ def test_progress_bar_lines():
     bar.close()
     lines = stream.getvalue().splitlines()
     assert 10 <= len(lines) <= 11 and "100.0%" in lines[-1] and "left" in lines[-1]
+
+
+def test_progress_bar_of_a_resumed_run_estimates_from_this_runs_rate(monkeypatch):
+    """Work done before a restart shows as done but took no time in this run: the time left comes from
+    the rate of this run (100 steps in 10 s, 400 left: 40 s)."""
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr("converter.progress.time.monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    bar = Progress(1000, stream=stream, unit="steps", per_unit=1, initial=500)
+    bar.advance(100)
+    line = stream.getvalue().splitlines()[-1]
+    assert "600.00/1000.00 steps" in line and "40s left" in line, line

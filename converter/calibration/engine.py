@@ -103,7 +103,10 @@ class CalibrationSettings:
     state_dir: Optional[str] = None  # default: <output>.calib next to the output
 
     def e2e_key(self) -> dict[str, Any]:
-        return {"steps": self.e2e_steps, "batch": self.e2e_batch, "lr": self.e2e_lr, "codes": self.e2e_learn_codes}
+        key = {"steps": self.e2e_steps, "batch": self.e2e_batch, "lr": self.e2e_lr}
+        if not self.e2e_learn_codes:  # only when off: records made before the setting existed stay valid
+            key["codes"] = False
+        return key
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without where the run keeps its files."""
@@ -121,6 +124,9 @@ class CalibrationSettings:
         d["e2e"] = bool(d.pop("e2e_steps"))
         for k in ("e2e_batch", "e2e_lr", "e2e_learn_codes"):
             d.pop(k)
+        if not d["train_bias"]:  # as before the option existed: folders of earlier runs stay usable
+            d.pop("train_bias")
+            d.pop("bias_lr")
         d["conditioning"] = cond_sha
         # the checkpoint's files by absolute path, size and modification time: another file of the same name
         # (or a rewritten one) must not pick up this run's layers
@@ -376,19 +382,20 @@ class Calibrator:
 
     def _train(
         self, student: nn.Module, steps: int, lr_mult: float, batches: list[list[int]], loss_fn: Any,
-        bar_label: Optional[str] = None, resumable: bool = False,
-    ) -> None:
+        bar_label: Optional[str] = None, resume_key: Optional[dict[str, Any]] = None,
+    ) -> float:
         """Adam on the StudentLinears of `student` (log-scales, branches, code latents, biases), cosine
-        schedule; with bar_label a progress bar over the steps (the end-to-end stage can take hours), and
-        `resumable` saves the parameters, Adam's state and the batch sampler 20 times over the run to the
-        state folder and continues from there after an interrupt (the end-to-end stage)."""
+        schedule; returns the seconds spent training. With bar_label a progress bar over the steps (the
+        end-to-end stage can take hours). With resume_key (everything the run depends on beyond the
+        parameters) the parameters, Adam's state and the batch sampler are saved 20 times over the run to
+        the state folder, and a later run with the same key continues from the last save."""
         lins = [m for m in student.modules() if isinstance(m, StudentLinear)]
         params_s = [m.log_scale for m in lins]
         params_l = [p for m in lins if m.down is not None for p in (m.down, m.up)]
         params_u = [m.u for m in lins if m.u is not None]
         params_b = [m.bias for m in lins if isinstance(m.bias, nn.Parameter)]
         if not steps or not params_s:
-            return
+            return 0.0
         groups = [{"params": params_s, "lr": self.s.scale_lr * lr_mult}]
         if params_l:
             groups.append({"params": params_l, "lr": self.s.lowrank_lr * lr_mult})
@@ -398,15 +405,16 @@ class Calibrator:
             groups.append({"params": params_b, "lr": self.s.bias_lr * lr_mult})
         opt = torch.optim.Adam(groups)
         base_lr = [g["lr"] for g in opt.param_groups]
-        params = [p for g in opt.param_groups for p in g["params"]]
+        names = {id(p): n for n, p in student.named_parameters()}
+        params = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
         gen = torch.Generator().manual_seed(self.s.seed)
-        start = self._load_progress(params, opt, gen) if resumable else 0
+        start, before = (0, 0.0) if resume_key is None else self._load_progress(resume_key, params, opt, gen)
+        t0 = time.monotonic()
         every = max(1, steps // 20)
         student.requires_grad_(False)
-        for p in params:
+        for p in params.values():
             p.requires_grad_(True)
-        bar = Progress(steps, self.show_progress and bar_label is not None, unit="steps", per_unit=1)
-        bar.advance(start)
+        bar = Progress(steps, self.show_progress and bar_label is not None, unit="steps", per_unit=1, initial=start)
         shown = float("nan")
         for step in range(start, steps):
             for g, lr in zip(opt.param_groups, base_lr):  # cosine decay to 0
@@ -416,45 +424,54 @@ class Calibrator:
             loss.backward()
             opt.step()
             if bar.enabled:
-                if step % 20 == 0:  # .item() waits for the GPU: not every step
+                if (step - start) % 20 == 0:  # .item() waits for the GPU: not every step
                     shown = loss.item()
                 bar.advance(1, f"{bar_label}: error {shown:.4f}")
             with torch.no_grad():
                 for u in params_u:  # beyond +-1.5 a latent only stores momentum that no longer changes a code
                     u.clamp_(-1.5, 1.5)
-            if resumable and (step + 1) % every == 0 and step + 1 < steps:
-                self._save_progress(step + 1, params, opt, gen)
+            if resume_key is not None and (step + 1) % every == 0 and step + 1 < steps:
+                self._save_progress(resume_key, step + 1, before + time.monotonic() - t0, params, opt, gen)
         bar.close()
-        for p in params:
+        for p in params.values():
             p.requires_grad_(False)
+        return before + time.monotonic() - t0
 
-    def _save_progress(self, step: int, params: list[Tensor], opt: torch.optim.Optimizer, gen: torch.Generator
-                       ) -> None:
-        t: dict[str, Tensor] = {"sampler": gen.get_state()}
-        for i, p in enumerate(params):
+    def _save_progress(self, key: dict[str, Any], step: int, seconds: float, params: dict[str, Tensor],
+                       opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+        # the step and seconds live in the tensor file itself: state.json is written after it and may lag
+        t: dict[str, Tensor] = {"@sampler": gen.get_state(), "@step": torch.tensor([step]),
+                                "@seconds": torch.tensor([seconds], dtype=torch.float64)}
+        for name, p in params.items():
             st = opt.state[p]
-            t[f"{i}.param"], t[f"{i}.exp_avg"], t[f"{i}.exp_avg_sq"] = p.detach(), st["exp_avg"], st["exp_avg_sq"]
-            t[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+            t[f"{name}@param"], t[f"{name}@exp_avg"] = p.detach(), st["exp_avg"]
+            t[f"{name}@exp_avg_sq"] = st["exp_avg_sq"]
+            t[f"{name}@step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
         self.state.save_tensors(E2E_PROGRESS_FILE, t)
-        self.state.data["e2e_progress"] = {"settings": self.s.e2e_key(), "step": step}
+        self.state.data["e2e_progress"] = {"key": key}
         self.state.save()
 
-    def _load_progress(self, params: list[Tensor], opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
-        """The step a saved run of the same settings reached (its state restored), else 0."""
+    def _load_progress(self, key: dict[str, Any], params: dict[str, Tensor], opt: torch.optim.Optimizer,
+                       gen: torch.Generator) -> tuple[int, float]:
+        """(step, seconds) a saved run with the same key reached, its state restored; else (0, 0)."""
         saved = self.state.data.get("e2e_progress")
-        if not saved or saved.get("settings") != self.s.e2e_key():
-            return 0
+        if not saved:
+            return 0, 0.0
         t = self.state.load_tensors(E2E_PROGRESS_FILE)
-        if t is None or any(t[f"{i}.param"].shape != p.shape for i, p in enumerate(params)):
-            return 0
+        same = t is not None and saved.get("key") == key and {k.rpartition("@")[0] for k in t} - {""} == set(params)
+        if not same or any(t[f"{n}@param"].shape != p.shape for n, p in params.items()):
+            print("end-to-end stage: the saved progress is of another run (settings, or what fitted the GPU: "
+                  "learned codes, samples per step); starting the stage again", flush=True)
+            return 0, 0.0
         with torch.no_grad():
-            for i, p in enumerate(params):
-                p.copy_(t[f"{i}.param"])
-                opt.state[p] = {"step": t[f"{i}.step"].reshape(()).clone(), "exp_avg": t[f"{i}.exp_avg"].to(p.device),
-                                "exp_avg_sq": t[f"{i}.exp_avg_sq"].to(p.device)}
-        gen.set_state(t["sampler"])
-        print(f"end-to-end stage: continuing at step {saved['step']}", flush=True)
-        return int(saved["step"])
+            for n, p in params.items():
+                p.copy_(t[f"{n}@param"])
+                opt.state[p] = {"step": t[f"{n}@step"].reshape(()).clone(), "exp_avg": t[f"{n}@exp_avg"].to(p.device),
+                                "exp_avg_sq": t[f"{n}@exp_avg_sq"].to(p.device)}
+        gen.set_state(t["@sampler"])
+        step = int(t["@step"])
+        print(f"end-to-end stage: continuing at step {step}", flush=True)
+        return step, float(t["@seconds"])
 
     def _loss(self, block: nn.Module, idx: list[int], xs: Acts, yt: Acts, last: bool) -> Tensor:
         img, txt, vec = xs.batch(idx, self.device, self.dtype)
@@ -518,10 +535,11 @@ class Calibrator:
                 return sum(self._velocity_loss(blocks, idx).item() for idx in probe) / len(probe)
 
         before = error()
-        t_train = time.monotonic()
-        self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
-                    lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end", resumable=True)
-        t_train = time.monotonic() - t_train
+        # what a saved run must share to be continued: the settings and what fitted the GPU then
+        resume_key = {**self.s.e2e_key(), "codes": codes, "batches": [len(b) for b in batches]}
+        t_train = self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
+                              lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end",
+                              resume_key=resume_key)
         for name, block in zip(self.blocks, blocks):
             results.update({k: m.export() for k, m in self._students(name, block).items()})
         after = error()  # on what the file holds (export rounds the branch to bf16)
@@ -633,6 +651,8 @@ class Calibrator:
                 if "skipped" not in e2e:  # a skipped stage is tried again by the next run
                     self.state.save_tensors(E2E_FILE, _block_tensors(results))
                     self.state.data["e2e"] = e2e
+                    self.state.data.pop("e2e_progress", None)
+                    self.state.remove(E2E_PROGRESS_FILE)
         self.state.save()
         record = {
             "settings": {**self.s.to_dict(), "state_dir": None},

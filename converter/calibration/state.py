@@ -4,7 +4,8 @@
     inputs.safetensors      the captured block-0 inputs (teacher trajectories are the slowest part to redo)
     sensitivity.json        per-layer sensitivities (mixed precision), once measured
     act_sensitivity.json    per-layer sensitivities to 8-bit activations (a8_keep), once measured
-    <block>.safetensors     one finished block's layers: qweight, scale, zero, lora_down, lora_up
+    <block>.safetensors     one finished block's layers: qweight, scale, zero, lora_down, lora_up, bias (trained)
+    e2e_progress.safetensors  the end-to-end stage mid-way: parameters, Adam state, batch sampler, step
     e2e.safetensors         every layer after the end-to-end stage, once finished
 
 Every file is written under a temporary name and renamed, so a kill leaves
@@ -75,6 +76,11 @@ class CalibrationState:
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         atomic_write(os.path.join(self.folder, name), lambda tmp: save_file(cpu, tmp))
+
+    def remove(self, name: str) -> None:
+        path = os.path.join(self.folder, name)
+        if os.path.exists(path):
+            os.unlink(path)
 
     def load_tensors(self, name: str) -> Optional[dict[str, torch.Tensor]]:
         path = os.path.join(self.folder, name)
