@@ -48,6 +48,8 @@ VARIANTS = {
     "a8all": {"a8_keep": 0.0},
     "a8keep25": {"a8_keep": 0.25},
     "e2e": {"e2e_steps": 100, "e2e_batch": 16},
+    "bias": {"train_bias": True},  # biases distilled too (bias_lr 1e-3)
+    "bias1e-4": {"train_bias": True, "bias_lr": 1e-4},
 }
 
 
