@@ -81,7 +81,4 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// Whether the current device runs the mma.m16n8k16 kernels (sm_80+). Host side.
-inline bool device_has_mma16816() { return current_device().major >= 8; }
-
 }  // namespace bitkernel

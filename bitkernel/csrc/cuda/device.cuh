@@ -26,13 +26,15 @@ inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_
 // from the runtime once per device, not on every launch of the small-M kernels.
 struct DeviceInfo {
   int index = 0, major = 0, sms = 0;
+  bool has_mma16816() const { return major >= 8; }  // the mma.m16n8k16 kernels (sm_80+)
 };
+// Devices with per-device caches of launch parameters (a larger index is queried every call).
+constexpr int kMaxDevices = 64;
 inline DeviceInfo current_device() {
-  constexpr int kMax = 64;
-  static std::atomic<int> major[kMax], sms[kMax];  // major 0: not read yet
+  static std::atomic<int> major[kMaxDevices], sms[kMaxDevices];  // major 0: not read yet
   DeviceInfo d;
   cudaGetDevice(&d.index);
-  const bool cached = d.index >= 0 && d.index < kMax;
+  const bool cached = d.index >= 0 && d.index < kMaxDevices;
   if (cached && (d.major = major[d.index].load(std::memory_order_acquire)) > 0) {
     d.sms = sms[d.index].load(std::memory_order_relaxed);
     return d;

@@ -258,17 +258,17 @@ bool fp8_supported_cuda() {
   // Asking the runtime which PTX the kernel was compiled from catches both a
   // GPU older than sm_89 (no compatible image: error) and a build without an
   // sm_89+ target, where the driver runs sm_80/86 code (empty bodies) on it.
-  static std::atomic<int> cache[64];  // 0 unknown, 1 no, 2 yes
+  static std::atomic<int> cache[kMaxDevices];  // 0 unknown, 1 no, 2 yes
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  if (dev < 64 && cache[dev].load() != 0) return cache[dev].load() == 2;
+  if (dev < kMaxDevices && cache[dev].load() != 0) return cache[dev].load() == 2;
   cudaFuncAttributes a{};
   bool ok = cudaFuncGetAttributes(&a, quantize_rows_fp8_regs<__half, 2>) == cudaSuccess && a.ptxVersion >= 89;
   cudaGetLastError();  // clear an error of the query above: it is an answer, not a failure
-  if (dev < 64) cache[dev].store(ok ? 2 : 1);
+  if (dev < kMaxDevices) cache[dev].store(ok ? 2 : 1);
   return ok;
 }
 

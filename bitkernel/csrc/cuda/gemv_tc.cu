@@ -201,7 +201,7 @@ bool gemv_tc_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const
       K % CHUNK_K != 0 || (group != 0 && group % CHUNK_K != 0) || K / CHUNK_K >= (1LL << 31) ||
       reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 4 != 0)
     return false;
-  if (!device_has_mma16816()) return false;
+  if (!current_device().has_mma16816()) return false;
   const cudaStream_t s = as_stream(stream);
   const int m = static_cast<int>(M);
   auto run = [&](auto tag) {

@@ -203,13 +203,7 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
     xp[jt] = reinterpret_cast<const uint8_t*>(x + static_cast<int64_t>(min(m, M - 1)) * K) + 128 * t + 512 * cbeg;
   }
 
-  float acc[TW][NT][4];
-#pragma unroll
-  for (int i = 0; i < TW; ++i)
-#pragma unroll
-    for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][jt][e] = 0.f;
+  float acc[TW][NT][4] = {};
 
   uint4 wbuf[2][TW][2];     // double buffer: the chunk being decoded and the next one in flight
 
@@ -225,7 +219,7 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
   auto compute = [&](auto tail, int st, int c, int d) {
     // Lanes past K in the tail read lane 0's x: finite, times their zero weights.
     const int xd = 512 * d - (decltype(tail)::value && c * CHUNK_K + 64 * t >= K ? 128 * t : 0);
-    float part[TW][NT][4];  // with groups: this chunk's sums, scaled below
+    [[maybe_unused]] float part[TW][NT][4] = {};  // with groups: this chunk's sums, scaled below
     [[maybe_unused]] float sc[TW][2][2];  // with groups: scale of [tile][row g / g+8][column 2t / 2t+1]
     if constexpr (GROUPED) {  // loaded first, used after the chunk's 16 mma steps
 #pragma unroll
@@ -238,12 +232,6 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
           for (int h = 0; h < 2; ++h)
             sc[i][h][e] = k < static_cast<uint32_t>(K) ? __ldg(scale + static_cast<int64_t>(rown[i][h]) * G + gi) : 0.f;
       }
-#pragma unroll
-      for (int i = 0; i < TW; ++i)
-#pragma unroll
-        for (int jt = 0; jt < NT; ++jt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) part[i][jt][e] = 0.f;
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -343,8 +331,6 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
   }
 }
 
-constexpr int kMaxDevices = 64;
-
 // Resident warps per SM of a kernel instantiation on a device (cached per instantiation and
 // device: the occupancy query is host work on every call otherwise).
 template <typename T, int NT, int TW, bool GROUPED>
@@ -381,7 +367,7 @@ void launch(const void* x, int M, int K, const uint8_t* q, const float* scale, i
   S = std::min(S, std::max(1, nch / knobs().min_chunks));
   const int cpw = (nch + S - 1) / S;
   S = (nch + cpw - 1) / cpw;
-  const int G = group ? static_cast<int>((K + group - 1) / group) : 1;
+  const int G = static_cast<int>(groups_per_row(K, group));
   const uint32_t gdiv = group ? static_cast<uint32_t>(((1ull << 32) + group - 1) / group) : 0u;
   kernel<<<tiles, 32 * S, S * SMEM_PER_WARP, s>>>(static_cast<const T*>(x), M, K, q, scale, G, gdiv, N,
                                                   static_cast<const T*>(bias), static_cast<T*>(y), cpw,
@@ -398,7 +384,7 @@ bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, 
       reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
     return false;
   const DeviceInfo info = current_device();
-  if (info.major < 8) return false;  // mma.m16n8k16
+  if (!info.has_mma16816()) return false;
   const int dev = info.index, sms = info.sms;
   const cudaStream_t s = as_stream(stream);
   const int n = static_cast<int>(N), k = static_cast<int>(K), m = static_cast<int>(M);
