@@ -209,10 +209,10 @@ class Calibrator:
                 img, txt, vec = acts.batch(idx, self.device, self.dtype)
                 img, txt = run_block(block, img, txt, vec, self.pos(len(idx), txt.shape[1]))
                 if yt is not None:
-                    losses.append(self._error(img, txt, idx, yt, last).item())
+                    losses.append(self._error(img, txt, idx, yt, last))
                 if out is not None:
                     out.store(idx, img, txt)
-        return sum(losses) / len(losses) if losses else float("nan")
+        return _mean(losses)
 
     def _forward(self, block: nn.Module, acts: Acts) -> Acts:
         """block applied to every sample of acts, as a new set."""
@@ -349,7 +349,7 @@ class Calibrator:
             path = layer[len(name) + 1 :]
             old = block.get_submodule(path)
             bias = res.bias if res.bias is not None else old.bias
-            bias = None if bias is None else bias.detach().float()
+            bias = None if bias is None else bias.detach()
             qw = res.qw
             qw = QuantizedWeight(
                 qw.fmt, qw.qweight.to(self.device), qw.scale.to(self.device),
@@ -363,7 +363,7 @@ class Calibrator:
     def _codes_fit(self, name: str, layers: dict[str, LayerResult]) -> bool:
         """Whether learning the block's ternary codes (float32 latent, gradient, two Adam moments: 16 bytes
         per weight) leaves room for its activations (a quarter of what is free); if not, says so."""
-        need = 16 * sum(r.qw.scale.shape[0] * r.qw.in_features for r in layers.values() if r.qw.fmt == "ternary")
+        need = _code_bytes(layers)
         free = self._free()
         if need <= 0.75 * free:
             return True
@@ -497,12 +497,12 @@ class Calibrator:
         self.model.release()  # the teacher's blocks: the stage needs the room, and later reads build them anew
         gib, free = 2**30, self._free()
         codes = self.s.learn_codes and self.s.e2e_learn_codes
-        with_codes = self._e2e_weight_bytes(results, True)
-        if codes and with_codes > free:
-            codes = False  # FLUX.1-dev's latents and Adam state (~190 GB) fit no single GPU: scales and branches
-            print(f"end-to-end stage: learned codes need {with_codes / gib:.1f} GiB, "
-                  f"{free / gib:.1f} GiB are free; training the scales and branches only", flush=True)
         need = self._e2e_weight_bytes(results, codes)
+        if codes and need > free:
+            codes = False  # FLUX.1-dev's latents and Adam state (~190 GB) fit no single GPU: scales and branches
+            print(f"end-to-end stage: learned codes need {need / gib:.1f} GiB, "
+                  f"{free / gib:.1f} GiB are free; training the scales and branches only", flush=True)
+            need = self._e2e_weight_bytes(results, codes)
         if need > free:
             msg = (f"end-to-end stage skipped: the quantized model needs {need / gib:.1f} GiB on the GPU, "
                    f"{free / gib:.1f} GiB are free; the file holds the block stage's layers (--e2e-steps 0 "
@@ -532,7 +532,7 @@ class Calibrator:
 
         def error() -> float:
             with torch.no_grad():
-                return sum(self._velocity_loss(blocks, idx).item() for idx in probe) / len(probe)
+                return _mean([self._velocity_loss(blocks, idx) for idx in probe])
 
         before = error()
         # what a saved run must share to be continued: the settings and what fitted the GPU then
@@ -541,7 +541,7 @@ class Calibrator:
                               lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end",
                               resume_key=resume_key)
         for name, block in zip(self.blocks, blocks):
-            results.update({k: m.export() for k, m in self._students(name, block).items()})
+            results.update(self._export(name, block))
         after = error()  # on what the file holds (export rounds the branch to bf16)
         self.seconds["e2e"] = time.monotonic() - t0
         return {"before": before, "after": after, "samples": len(lens), "codes": codes,
@@ -554,19 +554,18 @@ class Calibrator:
         a low-rank branch), the blocks' full-precision tensors, and while a block is recomputed for the
         backward its decoded codes and weights (2 + 2 bytes a weight, kept until the block's backward is
         done) plus the largest layer's weight gradient (8 bytes a weight at most)."""
-        total, largest = 0, 0
-        per_block: dict[str, int] = {}
-        for layer, r in results.items():
+        total = _code_bytes(results) if codes else 0
+        for r in results.values():
             qw = r.qw
-            n, k = qw.scale.shape[0], qw.in_features
             total += qw.qweight.numel() + 5 * qw.scale.numel() * 4  # scale, log-scale, grad, 2 moments
-            total += n * k * (16 if codes and qw.fmt == "ternary" else 0)
             if r.lora is not None:
-                total += 16 * r.lora[0].shape[0] * (n + k)
-            largest = max(largest, n * k)
-            block = layer.split(".")[0] + "." + layer.split(".")[1]
-            per_block[block] = per_block.get(block, 0) + n * k
-        total += 4 * max(per_block.values(), default=0) + 8 * largest
+                total += 16 * r.lora[0].shape[0] * (qw.out_features + qw.in_features)
+        largest = max((r.qw.out_features * r.qw.in_features for r in results.values()), default=0)
+        largest_block = max(
+            (sum(r.qw.out_features * r.qw.in_features for r in _of_block(results, b).values()) for b in self.blocks),
+            default=0,
+        )
+        total += 4 * largest_block + 8 * largest
         shapes = self.source.shapes()
         esize = torch.finfo(self.dtype).bits // 8
         for key, shape in shapes.items():
@@ -610,13 +609,13 @@ class Calibrator:
             last = i == len(self.blocks) - 1
             if name in self.state.done:
                 layers = self._load_block(name)
-                self._run(self.student_block(name, fp, layers), xs, xs, yt, last)
+                self._run(self.student_block(name, fp, layers), xs, xs)  # its errors are in the state
             else:
                 quantized = self.quantize_block(name, fp, xs)
                 codes = self.s.learn_codes and self._codes_fit(name, quantized)
                 student = self.student_block(name, fp, quantized, codes)
                 before = self.distill(name, student, xs, yt, last)
-                layers = {k: m.export() for k, m in self._students(name, student).items()}
+                layers = self._export(name, student)
                 # measured on what the file holds (export rounds the branch to bf16)
                 after = self._run(student, xs, xs, yt, last)  # xs <- the student's outputs
                 errors[name] = {"before": before, "after": after, "codes": codes}
@@ -672,10 +671,9 @@ class Calibrator:
         }
         return CalibrationResult(self.specs, results, record)
 
-    def _students(self, name: str, block: nn.Module) -> dict[str, StudentLinear]:
-        return {
-            f"{name}.{path}": m for path, m in block.named_modules() if isinstance(m, StudentLinear)
-        }
+    def _export(self, name: str, block: nn.Module) -> dict[str, LayerResult]:
+        """The trained layers of student block `name`, as the file holds them."""
+        return {f"{name}.{path}": m.export() for path, m in block.named_modules() if isinstance(m, StudentLinear)}
 
     def _load_block(self, name: str) -> dict[str, LayerResult]:
         layers = [layer for layer in block_layers(name) if self.specs[layer].quantized]
@@ -686,14 +684,25 @@ class Calibrator:
         if t is None:
             raise ConversionError(f"calibration folder {self.state.folder} lost {file}; delete the folder")
         out: dict[str, LayerResult] = {}
+        shapes = self.source.shapes()
         for layer in layers:
             spec = self.specs[layer]
-            k = self.source.shapes()[f"{layer}.weight"][1]
+            k = shapes[f"{layer}.weight"][1]
             qw = QuantizedWeight(spec.format, t[f"{layer}.qweight"], t[f"{layer}.scale"], t.get(f"{layer}.zero"), k,
                                  spec.group_size)
             lora = (t[f"{layer}.lora_down"], t[f"{layer}.lora_up"]) if f"{layer}.lora_down" in t else None
             out[layer] = LayerResult(qw, lora, t.get(f"{layer}.bias"))
         return out
+
+
+def _mean(losses: list[Tensor]) -> float:
+    """Mean of scalar losses with one wait for the GPU (nan for none)."""
+    return sum(torch.stack(losses).tolist()) / len(losses) if losses else float("nan")
+
+
+def _code_bytes(layers: dict[str, LayerResult]) -> int:
+    """GPU bytes for learning the ternary codes: float32 latent, gradient and two Adam moments per weight."""
+    return 16 * sum(r.qw.out_features * r.qw.in_features for r in layers.values() if r.qw.fmt == "ternary")
 
 
 def _of_block(results: dict[str, LayerResult], name: str) -> dict[str, LayerResult]:

@@ -186,7 +186,7 @@ def gptq_ternary(
     # no calibration signal: the paper's choice, these weights cost nothing measured (a new tensor: the caller's
     # weight stays intact)
     w = torch.where(dead, torch.zeros((), device=w.device), w)
-    work = w.clone()
+    work = w.clone() if refit_scale else w  # the refit needs w as it was
     s_cols = scale.repeat_interleave(group_size or k, dim=1)
     live = s_cols > 0  # an all-zero group has scale 0 and code 0 (what packing stores)
     safe = torch.where(live, s_cols, torch.ones_like(s_cols))

@@ -91,6 +91,8 @@ class StudentLinear(nn.Module):
         self.register_buffer("qweight", qw.qweight)
         self.register_buffer("zero", qw.zero)
         self.register_buffer("scale0", qw.scale.to(device, torch.float32))
+        # the codes decode as a weight of unit scales: made once, not on every forward
+        self.register_buffer("unit_scale", torch.ones_like(self.scale0), persistent=False)
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
         self.u = None
         if latent is not None:
@@ -130,7 +132,8 @@ class StudentLinear(nn.Module):
 
     def weight(self, dtype: torch.dtype) -> Tensor:
         if self.u is None:
-            c = integer_codes(self.qw, dtype)
+            unit = QuantizedWeight(self.fmt, self.qweight, self.unit_scale, self.zero, self._k, self.group_size)
+            c = BF.dequantize(unit, dtype)
         else:  # straight-through: the forward uses the rounded codes, the gradient flows to u
             c = (self.u + (torch.clamp(torch.round(self.u), -1, 1) - self.u).detach()).to(dtype)
         return c * _expand(self.scale(), self.group_size, self.in_features).to(dtype)
