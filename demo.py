@@ -28,7 +28,7 @@ from converter import convert
 from converter.calibration.conditioning import save_conditioning
 from converter.calibration.engine import CalibrationSettings
 from testbed.bitflux import load_bitflux_flux
-from testbed.calibration_data import CPU_CALIBRATION, CPU_PROMPTS, GPU_PROMPTS, testbed_conditioning
+from testbed.calibration_data import CPU_CALIBRATION, default_prompts, testbed_conditioning
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder
 from testbed.evaluate import evaluate
 
@@ -78,12 +78,11 @@ def main() -> int:
     if args.calibrate:
         cuda = str(args.device).startswith("cuda")
         cond_path = os.path.join(args.out, "calibration_conditioning.safetensors")
-        prompts = GPU_PROMPTS if cuda else CPU_PROMPTS
-        save_conditioning(cond_path, testbed_conditioning(prompts, weights_dir=args.weights))
+        save_conditioning(cond_path, testbed_conditioning(default_prompts(args.device), weights_dir=args.weights))
         # the converter's defaults on a GPU; on a CPU fewer samples and steps (about 2 minutes)
         quick = {} if cuda else CPU_CALIBRATION
         calibration = CalibrationSettings(cond_path, lowrank=args.lowrank, **quick)
-        stages = "GPTQ, scales and codes" + ("" if quick.get("e2e_steps") == 0 else ", end to end")
+        stages = "GPTQ, scales and codes" + (", end to end" if calibration.e2e_steps else "")
         described = (f"method {args.method}, calibrated ({stages}, low-rank {args.lowrank}, "
                      f"{'converter defaults' if cuda else 'CPU settings ' + str(quick)})")
     print(f"converting {fp_path} -> {q_path} ({described})", flush=True)

@@ -34,7 +34,6 @@ from testbed.calibration_data import CPU_CALIBRATION, CPU_PROMPTS, testbed_condi
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
 
-REDUCED = CPU_CALIBRATION  # the settings demo.py uses on a CPU
 SCALES = {"learn_codes": False}  # what the first table's "base" was: codes frozen at GPTQ's rounding
 VARIANTS = {
     "default": {},  # the converter's defaults at the reduced settings: GPTQ, scales and codes, no end-to-end stage
@@ -70,7 +69,7 @@ def main() -> None:
             t0 = time.monotonic()
             out = os.path.join(tmp, f"{name}.safetensors")
             report = convert(os.path.join(args.weights, FLUX_FILE), out, progress=False, device=args.device,
-                             calibration=CalibrationSettings(cond, **{**REDUCED, **VARIANTS[name]}))
+                             calibration=CalibrationSettings(cond, **{**CPU_CALIBRATION, **VARIANTS[name]}))
             seconds = time.monotonic() - t0
             res = evaluate(load_bitflux_flux(out, args.device), te, n=args.n, device=args.device, steps=20,
                            guidance=3.5, seed=0)
@@ -79,7 +78,7 @@ def main() -> None:
             print(name, f"{res['overall'] * 100:.1f}%", flush=True)
     cats = list(rows[0][1]["categories"])
     lines = [
-        f"Testbed model, calibration at reduced settings {REDUCED} on {CPU_PROMPTS} calibration prompts, "
+        f"Testbed model, calibration at reduced settings {CPU_CALIBRATION} on {CPU_PROMPTS} calibration prompts, "
         f"{args.n} held-out prompts, device {args.device}. Accuracy in %; block error = relative output error "
         "after distillation.\n",
         "| variant | settings | file MB | overall | " + " | ".join(cats) + " | block errors | convert s |",

@@ -32,19 +32,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from convert_memory import RandomWeights, write_tensors  # noqa: E402
+from convert_memory import write_bfl  # noqa: E402
 from report_table import emit  # noqa: E402
 
-from converter.architecture import FLUX1_DEV, Architecture, expected_shapes  # noqa: E402
+from converter.architecture import FLUX1_DEV  # noqa: E402
 from converter.calibration.conditioning import CalibrationConditioning, save_conditioning  # noqa: E402
+from converter.calibration.engine import CalibrationSettings  # noqa: E402
 
 FULL_DOUBLE, FULL_SINGLE = FLUX1_DEV.depth, FLUX1_DEV.depth_single_blocks
-
-
-def write_checkpoint(path: str, arch: Architecture) -> None:
-    shapes = expected_shapes(arch)
-    weights = RandomWeights()
-    write_tensors(path, list(shapes.items()), lambda n: weights.get(n, shapes[n]))
+E2E_STEPS = CalibrationSettings.e2e_steps  # the converter's default
 
 
 def write_conditioning(path: str, prompts: int) -> None:
@@ -105,7 +101,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         src, cond = os.path.join(tmp, "flux.safetensors"), os.path.join(tmp, "cond.safetensors")
-        write_checkpoint(src, arch)
+        write_bfl(src, arch)
         write_conditioning(cond, args.prompts)
         for cap in args.caps:
             r = run(src, cond, os.path.join(tmp, f"out{cap:g}.safetensors"), cap, args)
@@ -120,13 +116,14 @@ def main() -> None:
         f"{'plain rounding' if args.no_gptq else 'GPTQ'}, {args.distill_steps} distillation steps per block "
         f"(codes learned: {not args.no_learn_codes}), "
         f"low-rank {args.lowrank}, {args.e2e_steps} end-to-end steps. 'full' = extrapolated to "
-        f"{FULL_DOUBLE} + {FULL_SINGLE} blocks (block stage) and to 2000 end-to-end steps over them; the "
+        f"{FULL_DOUBLE} + {FULL_SINGLE} blocks (block stage) and to {E2E_STEPS} end-to-end steps over them; the "
         "end-to-end stage's memory grows with the block count and is not extrapolated here.\n",
         "| GPU cap (GiB) | peak reserved (GiB) | teacher sampling s | per double block s | per single block s | "
         "e2e s / step | e2e samples / step | e2e codes | measured total s | "
-        "full FLUX.1-dev est. min (block stage + 2000 e2e steps) |",
+        f"full FLUX.1-dev est. min (block stage + {E2E_STEPS} e2e steps) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    scale = (FULL_DOUBLE + FULL_SINGLE) / (args.depth + args.single)  # the measured blocks to all of them
     for cap, r in rows:
         if "error" in r:
             lines.append(f"| {cap:g} | failed: {r['error'].splitlines()[-1][:200]} | | | | | | | | |")
@@ -137,12 +134,11 @@ def main() -> None:
         sgl = [v for k, v in blocks.items() if k.startswith("single")]
         d, s = sum(dbl) / len(dbl), sum(sgl) / len(sgl)
         cap_s = cal["stage_seconds"].get("capture", 0.0)
-        full = cap_s * (FULL_DOUBLE + FULL_SINGLE) / (args.depth + args.single) + d * FULL_DOUBLE + s * FULL_SINGLE
+        full = cap_s * scale + d * FULL_DOUBLE + s * FULL_SINGLE
         e2e = cal.get("e2e_error") or {}
         # the training loop alone: the stage also rebuilds the blocks and measures its error before and after
         per_step = e2e["train_seconds"] / max(args.e2e_steps, 1) if "train_seconds" in e2e else None
-        scale = (FULL_DOUBLE + FULL_SINGLE) / (args.depth + args.single)
-        e2e_full = 0.0 if per_step is None else per_step * 2000 * scale
+        e2e_full = 0.0 if per_step is None else per_step * E2E_STEPS * scale
         step_cell = "skipped" if per_step is None else f"{per_step:.2f}"
         lines.append(
             f"| {cap:g} | {r['peak_reserved'] / 2**30:.2f} | {cap_s:.1f} | {d:.1f} | {s:.1f} | {step_cell} | "

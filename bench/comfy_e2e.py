@@ -81,7 +81,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
 from comfy_standins import TINY_T5, make_tiny_files, write_random_encoders  # noqa: E402  (tests/, put on sys.path above)
-from report_table import markdown_table  # noqa: E402  (bench/ is on sys.path when this script runs)
+from report_table import markdown_table, write_json  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 GIB = 2**30
 PROMPT = "a red cube on top of a blue sphere on a wooden table, studio photo, soft light"
@@ -460,7 +460,7 @@ def stage_graph(args: argparse.Namespace) -> dict[str, Any]:
         latent = run(f"sampling: KSampler {args.graph_steps} steps euler/simple, our 1.58-bit transformer", sample)
         image = run("VAE decode: VAEDecode (FLUX VAE)", lambda: c.call(c.nodes.VAEDecode, vae=vae, samples=latent))
     except torch.cuda.OutOfMemoryError:
-        _write_json(args._result, _graph_result(args, c, cap_info, gen_s, stages, timer, None, None, failed=True))
+        write_json(args._result, _graph_result(args, c, cap_info, gen_s, stages, timer, None, None, failed=True))
         raise
     result = _graph_result(args, c, cap_info, gen_s, stages, timer, image, tokens)
     result["vram_state"] = str(mm.vram_state.name)
@@ -485,11 +485,6 @@ def _graph_result(args, c, cap_info, gen_s, stages, timer, image, tokens, failed
     if cuda:
         res["outside_allocator_end"] = outside_allocator_bytes()
     return res
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, default=str)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -770,7 +765,7 @@ def main() -> None:
 
     if args._stage:  # child process
         data = stage_sample(args) if args._stage == "sample" else stage_graph(args)
-        _write_json(args._result, data)
+        write_json(args._result, data)
         return
 
     comfyui_dir()

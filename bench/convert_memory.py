@@ -115,6 +115,13 @@ def write_tensors(
         writer.close()
 
 
+def write_bfl(path: str, arch: Architecture, sparse: bool = False) -> None:
+    """A BFL-layout checkpoint of `arch` with random weights (sparse: header only, data a hole)."""
+    shapes = expected_shapes(arch)
+    weights = None if sparse else RandomWeights()
+    write_tensors(path, list(shapes.items()), lambda n: weights.get(n, shapes[n]), sparse)
+
+
 def generate(layout: str, path: str, scale: float, sparse: bool) -> dict[str, Any]:
     """Writes the checkpoint, one tensor in memory at a time. `sparse`: header only, data a hole."""
     start = time.monotonic()
@@ -123,7 +130,7 @@ def generate(layout: str, path: str, scale: float, sparse: bool) -> dict[str, An
     weights = None if sparse else RandomWeights()
 
     if layout == "bfl":
-        write_tensors(path, list(shapes.items()), lambda n: weights.get(n, shapes[n]), sparse)
+        write_bfl(path, arch, sparse)
     else:
         os.makedirs(path, exist_ok=True)
         parts = diffusers_tensors(arch)

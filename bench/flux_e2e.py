@@ -21,7 +21,7 @@ float32 row scales, docs/FORMAT.md) with the layer spec's `act` "a16" or "a8" (W
 quantized to 8 bits inside bitkernel's op, FP8 e4m3 on sm_89+), so the quantized variants never hold
 the dense model. Each path loads those tensors the way it loads a converted file:
 
-- bfl: converter/flux_model.py (BFL's model code), block linears from converter.fileformat.build_linear
+- bfl: converter/flux_model.py (BFL's model code), block linears from converter.fileformat.install_layers
   (bitkernel.nn.TernaryLinear, act_int8 for a8; nn.Linear for bf16);
 - diffusers: diffusers' FluxTransformer2DModel built on the meta device and filled group by group by
   converter.diffusers_model.install_tensors (BFL's fused qkv / linear1 split by rows into to_q / to_k /
@@ -54,10 +54,10 @@ on the values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import itertools
-import json
 import logging
 import os
 import platform
@@ -76,10 +76,11 @@ for _p in (ROOT, ROOT / "bench"):  # the repository root (converter, comfy_nodes
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from report_table import command_line, markdown_table  # noqa: E402  (bench/, put on sys.path above)
+from report_table import emit, markdown_table, write_json  # noqa: E402  (bench/, put on sys.path above)
 
 from converter.architecture import FLUX1_DEV, Architecture, block_linears, expected_shapes  # noqa: E402
-from converter.fileformat import LayerSpec, build_linear  # noqa: E402
+from converter.diffusers_model import meta_tensors  # noqa: E402
+from converter.fileformat import LayerSpec, install_layers  # noqa: E402
 from converter.flux_model import Flux, FluxConfig, make_img_ids, make_txt_ids, pack, unpack  # noqa: E402
 
 GIB = 2**30
@@ -87,19 +88,10 @@ PATHS = ("bfl", "diffusers", "comfy")
 VARIANTS = {"bf16": None, "w158a16": "a16", "w158a8": "a8"}  # value: the `act` of the ternary block layers
 MODES = ("eager", "compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TINY = Architecture(
-    in_channels=48,
-    vec_in_dim=128,
-    context_in_dim=128,
-    hidden_size=256,
-    mlp_ratio=4.0,
-    num_heads=2,
-    depth=2,
+# FLUX.1-dev's layout at the testbed's width, for the CPU mode the tests run
+TINY = dataclasses.replace(
+    FLUX1_DEV, in_channels=48, vec_in_dim=128, context_in_dim=128, hidden_size=256, num_heads=2, depth=2,
     depth_single_blocks=3,
-    axes_dim=(16, 56, 56),
-    theta=10_000,
-    qkv_bias=True,
-    guidance_embed=True,
 )
 PATH_CODE = {
     "bfl": "converter/flux_model.py (BFL's model code)",
@@ -220,14 +212,9 @@ def build_bfl(arch: Architecture, variant: str, x: Inputs, device: torch.device,
     model = Flux(FluxConfig.from_dict(arch.to_dict()), dtype=dtype, device="meta")
     loaded: set[str] = set()
     for group, tensors in weight_groups(arch, specs, device, dtype):
-        layers = _layers_of(group, specs)
-        for prefix, spec in layers.items():
-            model.set_submodule(prefix, build_linear(prefix, spec, tensors))
-        rest = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in layers}
-        model.load_state_dict(rest, strict=False, assign=True)
+        install_layers(model, _layers_of(group, specs), tensors)  # the tensors are in dtype already
         loaded.update(tensors)
-    left = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
-    _check_loaded("bfl", set(model.state_dict()), loaded, left)
+    _check_loaded("bfl", set(model.state_dict()), loaded, meta_tensors(model))
     model.requires_grad_(False).eval()
     return Built(
         model,
@@ -238,7 +225,7 @@ def build_bfl(arch: Architecture, variant: str, x: Inputs, device: torch.device,
 
 
 def build_diffusers(arch: Architecture, variant: str, x: Inputs, device: torch.device, dtype: torch.dtype) -> Built:
-    from converter.diffusers_model import empty_transformer, install_tensors, meta_tensors
+    from converter.diffusers_model import empty_transformer, install_tensors
 
     a = arch.to_dict()
     specs = layer_specs(arch, variant)
@@ -291,7 +278,7 @@ def import_comfy(device: torch.device) -> dict[str, Any]:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = device.type == "cpu"
-    import comfy.model_management as mm
+    import comfy.model_management  # noqa: F401  (reads args.cpu when first imported)
 
     from comfy_nodes import loader
     from comfy_nodes.fileformat import BitfluxHeader
@@ -304,7 +291,7 @@ def import_comfy(device: torch.device) -> dict[str, Any]:
     import comfy.ops
 
     prio = getattr(comfy.ops, "SDPA_BACKEND_PRIORITY", None)
-    _COMFY.update(mm=mm, loader=loader, header=BitfluxHeader, ops=make_operations, version=version, stubbed=stubbed,
+    _COMFY.update(loader=loader, header=BitfluxHeader, ops=make_operations, version=version, stubbed=stubbed,
                   sdpa=[getattr(b, "name", str(b)) for b in prio] if prio else None)
     return _COMFY
 
@@ -579,17 +566,6 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, 
     return "\n".join(out) + "\n"
 
 
-def _write(args: argparse.Namespace, text: str, data: dict[str, Any]) -> None:
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(f"Command: `{command_line()}`\n\n{text}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", nargs="+", default=list(PATHS), choices=PATHS, help="model codes (default: all)")
@@ -634,8 +610,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     def flush(done: bool) -> str:
         diffs = agreement(outputs)
         text = report(args, device, rows, diffs, notes, done)
-        _write(args, text, {"rows": rows, "agreement": diffs, "notes": notes, "done": done,
-                            "device": str(device), "dtype": args.dtype, "tiny": args.tiny, "steps": args.steps})
+        emit(text, args.out, quiet=True)
+        if args.json:
+            write_json(args.json, {"rows": rows, "agreement": diffs, "notes": notes, "done": done,
+                                   "device": str(device), "dtype": args.dtype, "tiny": args.tiny, "steps": args.steps})
         return text
 
     for mode in args.modes:

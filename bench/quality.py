@@ -34,7 +34,7 @@ from converter import convert  # noqa: E402
 from converter.calibration.conditioning import overlapping_prompts, save_conditioning  # noqa: E402
 from converter.calibration.engine import CalibrationSettings  # noqa: E402
 from testbed.bitflux import load_bitflux_flux  # noqa: E402
-from testbed.calibration_data import CPU_PROMPTS, GPU_PROMPTS, testbed_conditioning  # noqa: E402
+from testbed.calibration_data import CPU_PROMPTS, GPU_PROMPTS, default_prompts, testbed_conditioning  # noqa: E402
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
 from testbed.prompts import eval_items, eval_prompts  # noqa: E402
@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the table to this Markdown file")
     args = ap.parse_args()
     if args.calib_prompts is None:
-        args.calib_prompts = GPU_PROMPTS if str(args.device).startswith("cuda") else CPU_PROMPTS
+        args.calib_prompts = default_prompts(args.device)
     overrides = dict(_setting(kv) for kv in args.set)
     fp_path = os.path.join(args.weights, FLUX_FILE)
     te = load_text_encoder(os.path.join(args.weights, TEXT_FILE), args.device)

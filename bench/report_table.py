@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 
 def command_line() -> str:
@@ -33,5 +34,13 @@ def emit(table: str, path: Optional[str], quiet: bool = False) -> None:
     if not quiet:
         print("\n" + table)
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             f.write(f"Command: `{command_line()}`\n\n{table}")
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    """The benchmark's raw results (anything not JSON-native as its str)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)

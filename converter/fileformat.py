@@ -258,3 +258,16 @@ def build_linear(prefix: str, spec: LayerSpec, tensors: dict[str, torch.Tensor])
             raise BitfluxFormatError(f"layer {prefix}: a low-rank branch on a bf16 layer is not part of format v1.")
         module.set_lora(down, up)
     return module
+
+
+def install_layers(
+    model: nn.Module, layers: dict[str, LayerSpec], tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> tuple[list[str], list[str]]:
+    """Puts tensors in BFL keys (a whole file's or one block's) into a BFL-code model built on the meta device:
+    each layer of `layers` becomes its build_linear module, every other tensor is assigned (cast to `dtype`
+    when given). Returns load_state_dict's (missing, unexpected) for the other tensors."""
+    for prefix, spec in layers.items():
+        model.set_submodule(prefix, build_linear(prefix, spec, tensors))
+    rest = {k: v if dtype is None else v.to(dtype) for k, v in tensors.items() if k.rpartition(".")[0] not in layers}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    return missing, unexpected

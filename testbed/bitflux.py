@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from converter.fileformat import build_linear, load_tensors, read_header
+from converter.fileformat import install_layers, load_tensors, read_header
 from converter.flux_model import Flux, FluxConfig
 
 
@@ -24,11 +24,7 @@ def load_bitflux_flux(
     cfg = FluxConfig.from_dict(header.architecture)
     tensors = load_tensors(path, device)
     model = Flux(cfg, dtype=dtype, device="meta")
-    for prefix, spec in header.layers.items():
-        model.set_submodule(prefix, build_linear(prefix, spec, tensors))
-    layer_tensors = {k for k in tensors if k.rpartition(".")[0] in header.layers}
-    rest = {k: v.to(dtype) for k, v in tensors.items() if k not in layer_tensors}
-    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    missing, unexpected = install_layers(model, header.layers, tensors, dtype)
     missing = [k for k in missing if k.rpartition(".")[0] not in header.layers]
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the architecture (missing {missing}, unexpected {unexpected})")

@@ -50,6 +50,11 @@ CPU_PROMPTS = 64
 # 69.7% -> 76.2% at 1024, bench/results/calibration_e2e_h200.md); the pools repeat prompts (300 unique),
 # but every prompt gets its own noise, so each trajectory is new.
 GPU_PROMPTS = 1024
+
+
+def default_prompts(device: torch.device | str) -> int:
+    """Calibration prompts for a run on `device`: GPU_PROMPTS on a GPU, CPU_PROMPTS on a CPU."""
+    return GPU_PROMPTS if str(device).startswith("cuda") else CPU_PROMPTS
 CPU_CALIBRATION = {"steps": 10, "distill_steps": 100, "distill_batch": 16, "e2e_steps": 0}
 # The token grid of the images sampling.sample makes: latent side / FLUX's 2x2 patch.
 IMAGE_TOKENS = (LATENT_SIZE // PATCH, LATENT_SIZE // PATCH)
