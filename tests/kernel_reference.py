@@ -39,15 +39,19 @@ def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     return t.repeat_interleave(group_size, dim=1)[:, :k]
 
 
-def dequantize(fmt, qweight, scale, zero, k, group_size) -> torch.Tensor:
+def integer_codes(fmt, qweight, zero, k, group_size) -> torch.Tensor:
+    """The integers c of W = c * s [N, K] in float64: stored code - 1 (ternary), - zero point (int4), as is (int8)."""
     codes = unpack_codes(fmt, qweight.cpu()).to(torch.float64)
-    s = expand_groups(scale.cpu().to(torch.float64), k, group_size)
     if fmt == "ternary":
-        return (codes - 1) * s
+        return codes - 1
     if fmt == "int4":
-        z = 8.0 if zero is None else expand_groups(zero.cpu().to(torch.float64), k, group_size)
-        return (codes - z) * s
-    return codes * s
+        return codes - (8.0 if zero is None else expand_groups(zero.cpu().to(torch.float64), k, group_size))
+    return codes
+
+
+def dequantize(fmt, qweight, scale, zero, k, group_size) -> torch.Tensor:
+    s = expand_groups(scale.cpu().to(torch.float64), k, group_size)
+    return integer_codes(fmt, qweight, zero, k, group_size) * s
 
 
 def quantize_act(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from conftest import DEVICES
 import bitkernel.functional as BF
 from converter.calibration.student import StudentLinear, integer_codes
 
-from kernel_reference import dequantize, expand_groups, unpack_codes
+from kernel_reference import dequantize, expand_groups
+from kernel_reference import integer_codes as reference_codes
 
 FORMATS = [("ternary", 0, True), ("ternary", 64, True), ("int4", 64, True), ("int4", 128, False), ("int8", 0, True)]
 
@@ -26,13 +27,7 @@ def _qw(
 
 def _reference_codes(qw: BF.QuantizedWeight) -> torch.Tensor:
     """W = c * s: the integer c of every weight from the stored fields (docs/FORMAT.md)."""
-    c = unpack_codes(qw.fmt, qw.qweight.cpu()).to(torch.float64)
-    if qw.fmt == "ternary":
-        return c - 1
-    if qw.fmt == "int4":
-        z = 8.0 if qw.zero is None else expand_groups(qw.zero.cpu().to(torch.float64), qw.in_features, qw.group_size)
-        return c - z
-    return c
+    return reference_codes(qw.fmt, qw.qweight, qw.zero, qw.in_features, qw.group_size)
 
 
 @pytest.mark.parametrize("device", DEVICES)
