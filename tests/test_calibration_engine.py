@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from test_converter_support import make_state, save_bfl, tiny_config
 
 from converter import convert
+from converter.calibration import engine
 from converter.calibration.acts import micro_batches
 from converter.calibration.conditioning import CalibrationConditioning, save_conditioning
 from converter.calibration.engine import CalibrationSettings, Calibrator
@@ -447,12 +448,15 @@ def test_interrupted_end_to_end_stage_resumes_without_the_block_stage(tiny, tmp_
     assert len(e2e.calls) == 1 and quantized.calls == []
 
 
-@pytest.mark.parametrize("learn_codes", [False, True], ids=["scales", "codes"])
+@pytest.mark.parametrize("codes", [{"learn_codes": False}, {"learn_codes": True},
+                                   {"learn_codes": True, "e2e_code_share": 0.3, "e2e_window_lr": 2}],
+                         ids=["scales", "codes", "windows"])
 def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, tmp_path, monkeypatch, capsys,
-                                                                         learn_codes):
+                                                                         codes):
     """An interrupt at step 27 of 40: the next run restores the parameters, Adam's state and the batch
-    sampler saved at step 26 (every steps / 20) and trains the 14 steps left, to the uninterrupted file."""
-    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": learn_codes})
+    sampler saved at step 26 (every steps / 20; with windows of learned codes at the last window's start,
+    with the codes the windows before learned) and trains the steps left, to the uninterrupted file."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, **codes})
     ref = str(tmp_path / "ref.safetensors")
     convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
     out = str(tmp_path / "out.safetensors")
@@ -470,13 +474,18 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     saved = load_file(os.path.join(out + ".calib", "e2e_progress.safetensors"))
-    assert int(saved["@step"]) == 26
+    step = int(saved["@step"])
+    windows = _record(ref)["e2e_error"]["code_windows"]
+    if "e2e_code_share" in codes:
+        assert windows > 1 and 0 < step < 27 and step == -(-(step * windows // 40) * 40 // windows)
+    else:
+        assert step == 26 and not windows
     calls.clear()
     with monkeypatch.context() as m:
         m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False: counted(self, b, i, grad))
         convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
-    assert len(calls) == 40 - 26
-    assert "continuing at step 26" in capsys.readouterr().out
+    assert len(calls) == 40 - step
+    assert f"continuing at step {step}" in capsys.readouterr().out
     _tensors_equal(out, ref)
     assert _record(out)["e2e_error"]["after"] == _record(ref)["e2e_error"]["after"]
 
@@ -500,10 +509,8 @@ def test_end_to_end_progress_of_another_run_is_not_continued(tiny, tmp_path, mon
         m.setattr(Calibrator, "_velocity_loss", stop_at_28)
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
-    # the same settings, but now only the scales fit next to the activations
-    original_bytes = Calibrator._e2e_weight_bytes
-    monkeypatch.setattr(Calibrator, "_e2e_weight_bytes",
-                        lambda self, results, codes: 1 << 63 if codes else original_bytes(self, results, codes))
+    # the same settings, but now the codes do not fit at once: a window of them at a time
+    monkeypatch.setattr(engine, "_code_bytes", lambda layers: 1 << 62)
     calls.clear()
     def counted(self, blocks, idx, grad=False):
         if grad:
@@ -514,7 +521,7 @@ def test_end_to_end_progress_of_another_run_is_not_continued(tiny, tmp_path, mon
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
     said = capsys.readouterr().out
     assert "saved progress is of another run" in said and len(calls) == 40
-    assert _record(out)["e2e_error"]["codes"] is False
+    assert _record(out)["e2e_error"]["codes"] == "windows"
     assert not os.path.exists(os.path.join(out + ".calib", "e2e_progress.safetensors"))  # removed when done
 
 
@@ -534,17 +541,20 @@ def test_end_to_end_stage_without_codes_keeps_the_block_stages_codes(tiny):
 
 def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, capsys):
     """Learned codes need 16 bytes per weight more, frozen ones stay packed (a quarter byte): with room for
-    the frozen codes only the stage trains scales (the block stage's codes are kept), with no room it is
-    skipped; both say so."""
+    a window of learned codes the stage learns them a window at a time; with room for the frozen codes
+    only (the window's share of the codes below one layer) it trains scales and keeps the block stage's
+    codes; with no room it is skipped; each says so."""
     ref = tiny["converted"]("codes", learn_codes=True)  # the block stage alone
     sizes = [t.numel() for k, t in load_file(tiny["src"]).items()
              if k.rpartition(".")[0] in read_header(ref).layers and k.endswith(".weight")]
     # between what frozen codes need (a quarter byte a weight plus scales, and the largest layer's
     # transients) and what learned ones need (16 bytes a weight more)
     room = 9 * sum(sizes) + 16 * max(sizes)
-    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 5})
+    base = CalibrationSettings(tiny["cond"],
+                               **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 60, "e2e_window_lr": 2})
     original = Calibrator.end_to_end
-    for free, expect in ((room, "scales"), (0, "skipped")):
+    tiny_share = dataclasses.replace(base, e2e_code_share=min(sizes) / sum(sizes) / 2)
+    for free, settings, expect in ((room, base, "windows"), (room, tiny_share, "scales"), (0, base, "skipped")):
         out = str(tmp_path / f"{expect}.safetensors")
 
         def limited(self, results, free=free):
@@ -563,11 +573,16 @@ def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, c
             assert "end-to-end stage skipped" in said and rec["skipped"] in said
             _tensors_equal(out, ref)
             continue
-        assert "training the scales and branches only" in said and rec["codes"] is False
         assert rec["after"] < rec["before"]
-        for layer in read_header(ref).layers:
-            assert torch.equal(a[f"{layer}.qweight"], b[f"{layer}.qweight"]), layer
         assert any(not torch.equal(a[f"{layer}.scale"], b[f"{layer}.scale"]) for layer in read_header(ref).layers)
+        same_codes = [torch.equal(a[f"{layer}.qweight"], b[f"{layer}.qweight"]) for layer in read_header(ref).layers]
+        if expect == "windows":
+            assert rec["codes"] == "windows" and 1 < rec["code_windows"] <= 12
+            assert f"learning them in {rec['code_windows']} windows" in said
+            assert not all(same_codes)
+        else:
+            assert "training the scales and branches only" in said and rec["codes"] is False
+            assert all(same_codes)
 
 
 def test_blocks_keep_gptq_codes_where_learning_them_does_not_fit(tiny, tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ from conftest import DEVICES
 
 import bitkernel.functional as BF
 from converter.calibration.student import StudentLinear, integer_codes
+from converter.calibration.windows import BYTES_PER_CODE, CodeWindows
 
 from kernel_reference import dequantize, expand_groups
 from kernel_reference import integer_codes as reference_codes
@@ -137,3 +138,63 @@ def test_straight_through_gradient_reaches_the_latent():
     wq = (_reference_codes(qw) * s).requires_grad_(True)
     (x.double() @ wq.T).pow(2).sum().backward()
     assert torch.allclose(student.u.grad.double(), wq.grad * s, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ the end-to-end stage's code windows
+
+
+def _students(sizes: list[tuple[int, int]]) -> list[tuple[str, StudentLinear]]:
+    return [(f"layer{i}", StudentLinear(_qw("ternary", 0, True, n, k, zero_row=False), None))
+            for i, (n, k) in enumerate(sizes)]
+
+
+def test_code_windows_cover_the_layers_in_order_within_the_budget():
+    layers = _students([(37, 192), (64, 64), (200, 128), (16, 64), (40, 64), (300, 256)])
+    size = {name: BYTES_PER_CODE * lin.qweight.shape[0] * lin.in_features for name, lin in layers}
+    budget = size["layer2"] + size["layer3"]
+    w = CodeWindows(layers, budget, steps=100, load_weight=lambda name: None)
+    assert w.skipped == ["layer5"]  # larger than a window: keeps its codes
+    flat = [name for window in w.windows for name, _ in window]
+    assert flat == [name for name, _ in layers if name != "layer5"]
+    for window in w.windows:
+        assert sum(size[name] for name, _ in window) <= budget
+    for a, b in zip(w.windows, w.windows[1:]):  # greedy: the next layer did not fit
+        assert sum(size[name] for name, _ in a) + size[b[0][0]] > budget
+    # every window gets an equal share of the steps (within one), in order, starting at full rate
+    counts = [sum(w.index(s) == i for s in range(100)) for i in range(len(w))]
+    assert [w.index(s) for s in range(100)] == sorted(w.index(s) for s in range(100))
+    assert max(counts) - min(counts) <= 1 and sum(counts) == 100
+    starts = [min(s for s in range(100) if w.index(s) == i) for i in range(len(w))]
+    assert all(w.lr_factor(s) == 1.0 for s in starts)
+    assert all(0 < w.lr_factor(s - 1) < 0.1 for s in starts[1:])
+    assert [s for s in range(100) if w.checkpoint(s)] == starts
+
+
+def test_code_windows_learn_freeze_and_free_their_latents():
+    """Entering a window makes its latents an Adam group (from the full-precision weights, in the bins of
+    the codes the layers have); leaving packs round(latent) into the 2-bit buffer and frees the rest."""
+    layers = _students([(37, 192), (24, 64)])
+    fp = {name: torch.randn(lin.qweight.shape[0], lin.in_features) * 0.05 for name, lin in layers}
+    w = CodeWindows(layers, 10**9, steps=10, load_weight=lambda name: fp[name])
+    assert len(w) == 1
+    keep = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([keep], lr=1e-3)
+    before = {name: integer_codes(lin.qw) for name, lin in layers}
+    w.enter(0, opt, 1e-6)
+    group = opt.param_groups[-1]
+    assert group["codes"] and group["lr"] == 1e-6 and len(opt.param_groups) == 2
+    for name, lin in layers:
+        assert lin.u is not None and any(p is lin.u for p in group["params"])
+        assert torch.equal(torch.round(lin.u.detach()), before[name])  # starts at the codes it has
+        with torch.no_grad():  # a learned change: flip some codes
+            lin.u[0, :5] = torch.tensor([1.2, -1.4, 0.3, -0.6, 0.7])
+    (keep.sum() + sum(lin.weight(torch.float32).sum() for _, lin in layers)).backward()
+    opt.step()
+    assert len(opt.state) == 3
+    w.leave(opt)
+    assert len(opt.param_groups) == 1 and list(opt.state) == [keep] and w.current == -1
+    for _, lin in layers:
+        assert lin.u is None
+        c = integer_codes(lin.qw)
+        assert torch.equal(c[0, :5], torch.tensor([1.0, -1.0, 0.0, -1.0, 1.0]))
+        assert torch.equal(_reference_codes(lin.qw), c.double())  # the packed buffer holds them

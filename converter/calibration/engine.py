@@ -69,6 +69,7 @@ from .sensitivity import plan_formats
 from .state import E2E_FILE, E2E_PROGRESS_FILE, INPUTS_FILE, CalibrationState
 from .streamed import StreamedFlux, block_layers, block_names, run_block
 from .student import LayerResult, StudentLinear, act_rounding
+from .windows import BYTES_PER_CODE, CodeWindows
 
 
 @dataclass
@@ -92,7 +93,12 @@ class CalibrationSettings:
     bias_lr: float = 1e-3  # 1e-4 left the block errors unchanged (bench/results/calibration_ablation_cpu.md)
     e2e_steps: int = 2000  # Adam steps of end-to-end velocity matching over all blocks (0: off)
     e2e_batch: int = 0  # samples per end-to-end step (0: as many as fit micro_batch_tokens)
-    e2e_learn_codes: bool = True  # with learn_codes, learn them in the end-to-end stage too where they fit
+    e2e_learn_codes: bool = True  # with learn_codes, learn them in the end-to-end stage too
+    e2e_code_share: float = 1.0  # at most this share of them at once (a rotating window: windows.py); the
+    # stage lowers it to what fits the GPU
+    e2e_window_lr: float = 0.0  # the codes' learning rate in a window, as a multiple of their rate when all
+    # learn at once (0: the square root of the number of windows; testbed, 12 windows: x1 71.2%, x3 74.0%,
+    # x10 66.0%, all at once 76.2%, none 66.0%; bench/results/calibration_windows_h200.md)
     e2e_lr: float = 0.3  # end-to-end learning rates, as a multiple of the block stage's (1 and 3 measured worse)
     budget: Optional[str] = None  # mixed precision under this size (mixed.parse_budget)
     a8_keep: Optional[float] = None  # A8 on eligible layers but this most sensitive fraction (None: as specs say)
@@ -106,6 +112,10 @@ class CalibrationSettings:
         key = {"steps": self.e2e_steps, "batch": self.e2e_batch, "lr": self.e2e_lr}
         if not self.e2e_learn_codes:  # only when off: records made before the setting existed stay valid
             key["codes"] = False
+        if self.e2e_code_share < 1:  # likewise
+            key["code_share"] = self.e2e_code_share
+        if self.e2e_window_lr:
+            key["window_lr"] = self.e2e_window_lr
         return key
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +132,7 @@ class CalibrationSettings:
         # the end-to-end stage's settings do not change the block stage: whether it runs (its trajectories
         # are captured then) does; its own settings are checked against its saved result (e2e_key)
         d["e2e"] = bool(d.pop("e2e_steps"))
-        for k in ("e2e_batch", "e2e_lr", "e2e_learn_codes"):
+        for k in ("e2e_batch", "e2e_lr", "e2e_learn_codes", "e2e_code_share", "e2e_window_lr"):
             d.pop(k)
         if not d["train_bias"]:  # as before the option existed: folders of earlier runs stay usable
             d.pop("train_bias")
@@ -383,12 +393,14 @@ class Calibrator:
     def _train(
         self, student: nn.Module, steps: int, lr_mult: float, batches: list[list[int]], loss_fn: Any,
         bar_label: Optional[str] = None, resume_key: Optional[dict[str, Any]] = None,
+        windows: Optional[CodeWindows] = None,
     ) -> float:
         """Adam on the StudentLinears of `student` (log-scales, branches, code latents, biases), cosine
         schedule; returns the seconds spent training. With bar_label a progress bar over the steps (the
         end-to-end stage can take hours). With resume_key (everything the run depends on beyond the
         parameters) the parameters, Adam's state and the batch sampler are saved 20 times over the run to
-        the state folder, and a later run with the same key continues from the last save."""
+        the state folder, and a later run with the same key continues from the last save. With `windows`
+        the codes are learned a window of layers at a time (windows.py), and saved between windows."""
         lins = [m for m in student.modules() if isinstance(m, StudentLinear)]
         params_s = [m.log_scale for m in lins]
         params_l = [p for m in lins if m.down is not None for p in (m.down, m.up)]
@@ -396,19 +408,21 @@ class Calibrator:
         params_b = [m.bias for m in lins if isinstance(m.bias, nn.Parameter)]
         if not steps or not params_s:
             return 0.0
-        groups = [{"params": params_s, "lr": self.s.scale_lr * lr_mult}]
+        groups: list[dict[str, Any]] = [{"params": params_s, "lr": self.s.scale_lr * lr_mult}]
         if params_l:
             groups.append({"params": params_l, "lr": self.s.lowrank_lr * lr_mult})
         if params_u:
-            groups.append({"params": params_u, "lr": self.s.code_lr * lr_mult})
+            groups.append({"params": params_u, "lr": self.s.code_lr * lr_mult, "codes": True})
         if params_b:
             groups.append({"params": params_b, "lr": self.s.bias_lr * lr_mult})
+        for g in groups:
+            g["base_lr"] = g["lr"]
         opt = torch.optim.Adam(groups)
-        base_lr = [g["lr"] for g in opt.param_groups]
         names = {id(p): n for n, p in student.named_parameters()}
         params = {names[id(p)]: p for g in opt.param_groups for p in g["params"]}
+        buffers = windows.buffers() if windows is not None else {}
         gen = torch.Generator().manual_seed(self.s.seed)
-        start, before = (0, 0.0) if resume_key is None else self._load_progress(resume_key, params, opt, gen)
+        start, before = (0, 0.0) if resume_key is None else self._load_progress(resume_key, params, opt, gen, buffers)
         t0 = time.monotonic()
         every = max(1, steps // 20)
         student.requires_grad_(False)
@@ -417,8 +431,12 @@ class Calibrator:
         bar = Progress(steps, self.show_progress and bar_label is not None, unit="steps", per_unit=1, initial=start)
         shown = float("nan")
         for step in range(start, steps):
-            for g, lr in zip(opt.param_groups, base_lr):  # cosine decay to 0
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            if windows is not None and windows.current != windows.index(step):
+                lr = self.s.code_lr * lr_mult * (self.s.e2e_window_lr or math.sqrt(len(windows)))
+                windows.enter(windows.index(step), opt, lr)
+            cosine = 0.5 * (1 + math.cos(math.pi * step / steps))  # decay to 0
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * (windows.lr_factor(step) if windows and g.get("codes") else cosine)
             loss = loss_fn(batches[int(torch.randint(len(batches), (1,), generator=gen))])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -428,20 +446,27 @@ class Calibrator:
                     shown = loss.item()
                 bar.advance(1, f"{bar_label}: error {shown:.4f}")
             with torch.no_grad():
-                for u in params_u:  # beyond +-1.5 a latent only stores momentum that no longer changes a code
-                    u.clamp_(-1.5, 1.5)
-            if resume_key is not None and (step + 1) % every == 0 and step + 1 < steps:
-                self._save_progress(resume_key, step + 1, before + time.monotonic() - t0, params, opt, gen)
+                for g in opt.param_groups:  # beyond +-1.5 a latent only stores momentum that no longer changes a code
+                    if g.get("codes"):
+                        for u in g["params"]:
+                            u.clamp_(-1.5, 1.5)
+            nxt = step + 1
+            if windows is not None and (nxt == steps or windows.index(nxt) != windows.current):
+                windows.leave(opt)
+            save = windows.checkpoint(nxt) if windows is not None else nxt % every == 0
+            if resume_key is not None and save and nxt < steps:
+                self._save_progress(resume_key, nxt, before + time.monotonic() - t0, params, opt, gen, buffers)
         bar.close()
         for p in params.values():
             p.requires_grad_(False)
         return before + time.monotonic() - t0
 
     def _save_progress(self, key: dict[str, Any], step: int, seconds: float, params: dict[str, Tensor],
-                       opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+                       opt: torch.optim.Optimizer, gen: torch.Generator, buffers: dict[str, Tensor]) -> None:
         # the step and seconds live in the tensor file itself: state.json is written after it and may lag
         t: dict[str, Tensor] = {"@sampler": gen.get_state(), "@step": torch.tensor([step]),
                                 "@seconds": torch.tensor([seconds], dtype=torch.float64)}
+        t.update({f"{name}@buffer": b for name, b in buffers.items()})
         for name, p in params.items():
             st = opt.state[p]
             t[f"{name}@param"], t[f"{name}@exp_avg"] = p.detach(), st["exp_avg"]
@@ -452,18 +477,28 @@ class Calibrator:
         self.state.save()
 
     def _load_progress(self, key: dict[str, Any], params: dict[str, Tensor], opt: torch.optim.Optimizer,
-                       gen: torch.Generator) -> tuple[int, float]:
+                       gen: torch.Generator, buffers: dict[str, Tensor]) -> tuple[int, float]:
         """(step, seconds) a saved run with the same key reached, its state restored; else (0, 0)."""
         saved = self.state.data.get("e2e_progress")
         if not saved:
             return 0, 0.0
         t = self.state.load_tensors(E2E_PROGRESS_FILE)
-        same = t is not None and saved.get("key") == key and {k.rpartition("@")[0] for k in t} - {""} == set(params)
-        if not same or any(t[f"{n}@param"].shape != p.shape for n, p in params.items()):
+        same = (
+            t is not None and saved.get("key") == key
+            and {k.rpartition("@")[0] for k in t if not k.endswith("@buffer")} - {""} == set(params)
+            and {k[: -len("@buffer")] for k in t if k.endswith("@buffer")} == set(buffers)
+        )
+        if same:
+            pairs = [(t[f"{n}@param"], p) for n, p in params.items()]
+            pairs += [(t[f"{n}@buffer"], b) for n, b in buffers.items()]
+            same = all(a.shape == b.shape for a, b in pairs)
+        if not same:
             print("end-to-end stage: the saved progress is of another run (settings, or what fitted the GPU: "
                   "learned codes, samples per step); starting the stage again", flush=True)
             return 0, 0.0
         with torch.no_grad():
+            for n, b in buffers.items():
+                b.copy_(t[f"{n}@buffer"])
             for n, p in params.items():
                 p.copy_(t[f"{n}@param"])
                 opt.state[p] = {"step": t[f"{n}@step"].reshape(()).clone(), "exp_avg": t[f"{n}@exp_avg"].to(p.device),
@@ -496,29 +531,49 @@ class Calibrator:
             raise ConversionError("the captured inputs hold no trajectories; delete the calibration folder")
         self.model.release()  # the teacher's blocks: the stage needs the room, and later reads build them anew
         gib, free = 2**30, self._free()
-        codes = self.s.learn_codes and self.s.e2e_learn_codes
-        need = self._e2e_weight_bytes(results, codes)
-        if codes and need > free:
-            codes = False  # FLUX.1-dev's latents and Adam state (~190 GB) fit no single GPU: scales and branches
-            print(f"end-to-end stage: learned codes need {need / gib:.1f} GiB, "
-                  f"{free / gib:.1f} GiB are free; training the scales and branches only", flush=True)
-            need = self._e2e_weight_bytes(results, codes)
+        need = self._e2e_weight_bytes(results)
         if need > free:
             msg = (f"end-to-end stage skipped: the quantized model needs {need / gib:.1f} GiB on the GPU, "
                    f"{free / gib:.1f} GiB are free; the file holds the block stage's layers (--e2e-steps 0 "
                    "silences this)")
             print(msg, flush=True)
             return {"skipped": msg}
+        codes = self.s.learn_codes and self.s.e2e_learn_codes
+        all_codes = _code_bytes(results)
+        # every code at once where they fit and the settings allow; else a rotating window (windows.py) of
+        # what half the room left by the model allows: FLUX.1-dev's codes (~190 GB) fit no single GPU
+        at_once = codes and self.s.e2e_code_share >= 1 and need + all_codes <= free
+        window_bytes = 0 if at_once or not codes else int(min(self.s.e2e_code_share * all_codes, (free - need) / 2))
         blocks = nn.ModuleList(
-            self.student_block(name, self.model.block(name), _of_block(results, name), codes)
+            self.student_block(name, self.model.block(name), _of_block(results, name), at_once)
             for name in self.blocks
         )
+        windows = None
+        if window_bytes:
+            ternary = [(f"{name}.{path}", m) for name, block in zip(self.blocks, blocks)
+                       for path, m in block.named_modules() if isinstance(m, StudentLinear) and m.fmt == "ternary"]
+            windows = CodeWindows(ternary, window_bytes, self.s.e2e_steps, self.model.weight)
+            if len(windows) > self.s.e2e_steps:
+                print(f"end-to-end stage: the learned codes take {len(windows)} windows, more than the "
+                      f"{self.s.e2e_steps} steps; raise --e2e-steps to learn them", flush=True)
+            if not len(windows) or len(windows) > self.s.e2e_steps:
+                windows = None
+            else:
+                print(f"end-to-end stage: all learned codes need {all_codes / gib:.1f} GiB, {free / gib:.1f} GiB "
+                      f"are free; learning them in {len(windows)} windows of at most {window_bytes / gib:.2f} GiB at "
+                      f"a time, {self.s.e2e_steps // len(windows)} steps each"
+                      + (f" ({len(windows.skipped)} layers too large keep theirs)" if windows.skipped else ""),
+                      flush=True)
+        if codes and not at_once and windows is None:
+            print(f"end-to-end stage: training the scales and branches only (learned codes need "
+                  f"{all_codes / gib:.1f} GiB, {free / gib:.1f} GiB are free)", flush=True)
+        codes_mode: Any = True if at_once else "windows" if windows is not None else False
         lens = self.cond.txt_len[tr["traj_prompt"]]
         tokens = tr["traj_x"].shape[1] + int(lens.max())
         batches = micro_batches(lens, tokens, self.s.micro_batch_tokens)
         if self.s.e2e_batch:
             batches = _split(batches, self.s.e2e_batch)
-        fit = self._e2e_batch_that_fits(blocks, tokens)
+        fit = self._e2e_batch_that_fits(blocks, tokens, window_bytes if windows is not None else 0)
         if fit < 1:
             msg = (f"end-to-end stage skipped: one sample's activations do not fit next to the model "
                    f"({self._free() / gib:.1f} GiB free); the file holds the block stage's layers")
@@ -536,25 +591,28 @@ class Calibrator:
 
         before = error()
         # what a saved run must share to be continued: the settings and what fitted the GPU then
-        resume_key = {**self.s.e2e_key(), "codes": codes, "batches": [len(b) for b in batches]}
+        resume_key = {**self.s.e2e_key(), "codes": codes_mode, "batches": [len(b) for b in batches]}
+        if windows is not None:
+            resume_key["windows"] = [[name for name, _ in w] for w in windows.windows]
         t_train = self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
                               lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end",
-                              resume_key=resume_key)
+                              resume_key=resume_key, windows=windows)
         for name, block in zip(self.blocks, blocks):
             results.update(self._export(name, block))
         after = error()  # on what the file holds (export rounds the branch to bf16)
         self.seconds["e2e"] = time.monotonic() - t0
-        return {"before": before, "after": after, "samples": len(lens), "codes": codes,
+        return {"before": before, "after": after, "samples": len(lens), "codes": codes_mode,
+                "code_windows": len(windows) if windows is not None else 0,
                 "samples_per_step": max(len(b) for b in batches), "seconds": round(self.seconds["e2e"], 1),
                 "train_seconds": round(t_train, 1)}
 
-    def _e2e_weight_bytes(self, results: dict[str, LayerResult], codes: bool) -> int:
-        """GPU bytes of the trainable quantized model: per layer the packed weight and its scales (+ float32
-        latent, gradient and two Adam moments per ternary weight with learned codes; the same per weight of
-        a low-rank branch), the blocks' full-precision tensors, and while a block is recomputed for the
-        backward its decoded codes and weights (2 + 2 bytes a weight, kept until the block's backward is
-        done) plus the largest layer's weight gradient (8 bytes a weight at most)."""
-        total = _code_bytes(results) if codes else 0
+    def _e2e_weight_bytes(self, results: dict[str, LayerResult]) -> int:
+        """GPU bytes of the trainable quantized model without learned codes: per layer the packed weight
+        and its scales (+ float32 weight, gradient and two Adam moments per weight of a low-rank branch),
+        the blocks' full-precision tensors, and while a block is recomputed for the backward its decoded
+        codes and weights (2 + 2 bytes a weight, kept until the block's backward is done) plus the largest
+        layer's weight gradient (8 bytes a weight at most)."""
+        total = 0
         for r in results.values():
             qw = r.qw
             total += qw.qweight.numel() + 5 * qw.scale.numel() * 4  # scale, log-scale, grad, 2 moments
@@ -573,13 +631,14 @@ class Calibrator:
                 total += math.prod(shape) * esize
         return total
 
-    def _e2e_batch_that_fits(self, blocks: nn.ModuleList, tokens: int) -> int:
-        """Samples per step that fit next to the model: each keeps one block input per block for the
-        backward (checkpointing) and about 40 hidden-sized tensors inside the block being recomputed."""
+    def _e2e_batch_that_fits(self, blocks: nn.ModuleList, tokens: int, reserved: int) -> int:
+        """Samples per step that fit next to the model and `reserved` bytes (a window of learned codes):
+        each keeps one block input per block for the backward (checkpointing) and about 40 hidden-sized
+        tensors inside the block being recomputed."""
         if self.device.type != "cuda":
             return 1 << 30
         per_sample = tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * (len(blocks) + 40)
-        return int(self._free() * 0.8) // per_sample
+        return int((self._free() - reserved) * 0.8) // per_sample
 
     def _velocity_loss(self, blocks: nn.ModuleList, idx: list[int], grad: bool = False) -> Tensor:
         """||v_q - v_teacher||^2 / ||v_teacher||^2 on trajectory samples idx (one text length)."""
@@ -702,7 +761,7 @@ def _mean(losses: list[Tensor]) -> float:
 
 def _code_bytes(layers: dict[str, LayerResult]) -> int:
     """GPU bytes for learning the ternary codes: float32 latent, gradient and two Adam moments per weight."""
-    return 16 * sum(r.qw.out_features * r.qw.in_features for r in layers.values() if r.qw.fmt == "ternary")
+    return BYTES_PER_CODE * sum(r.qw.out_features * r.qw.in_features for r in layers.values() if r.qw.fmt == "ternary")
 
 
 def _of_block(results: dict[str, LayerResult], name: str) -> dict[str, LayerResult]:

@@ -94,11 +94,9 @@ class StudentLinear(nn.Module):
         # the codes decode as a weight of unit scales: made once, not on every forward
         self.register_buffer("unit_scale", torch.ones_like(self.scale0), persistent=False)
         self.log_scale = nn.Parameter(torch.zeros_like(self.scale0))
-        self.u = None
+        self.u: Optional[nn.Parameter] = None
         if latent is not None:
-            if qw.fmt != "ternary":
-                raise ValueError("only ternary codes are learned")
-            self.u = nn.Parameter(self._latent_init(latent.to(device, torch.float32)))
+            self.learn_codes(latent)
         if train_bias and bias is not None:  # the per-row mean of the quantization error, which scales cannot undo
             self.bias = nn.Parameter(bias.detach().to(device, torch.float32, copy=True))  # never the teacher's
         else:
@@ -129,6 +127,21 @@ class StudentLinear(nn.Module):
         c = integer_codes(self.qw)
         u = torch.where(s > 0, w / torch.where(s > 0, s, 1), c)
         return torch.minimum(torch.maximum(u, c - 0.49), c + 0.49)
+
+    def learn_codes(self, w: Tensor) -> nn.Parameter:
+        """Starts learning the ternary codes, from the full-precision weight `w`; returns the latent."""
+        if self.fmt != "ternary":
+            raise ValueError("only ternary codes are learned")
+        self.u = nn.Parameter(self._latent_init(w.to(self.qweight.device, torch.float32)))
+        return self.u
+
+    def freeze_codes(self) -> None:
+        """Packs the learned codes into the 2-bit buffer and drops the latent (its memory is freed)."""
+        if self.u is None:
+            return
+        codes = torch.clamp(torch.round(self.u.detach()), -1, 1)
+        self.qweight.copy_(pack_ternary(codes, self.unit_scale, self.group_size).qweight)
+        self.u = None
 
     def weight(self, dtype: torch.dtype) -> Tensor:
         if self.u is None:
