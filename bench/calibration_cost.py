@@ -119,14 +119,14 @@ def main() -> None:
         f"{FULL_DOUBLE} + {FULL_SINGLE} blocks (block stage) and to {E2E_STEPS} end-to-end steps over them; the "
         "end-to-end stage's memory grows with the block count and is not extrapolated here.\n",
         "| GPU cap (GiB) | peak reserved (GiB) | teacher sampling s | per double block s | per single block s | "
-        "e2e s / step | e2e samples / step | e2e codes | measured total s | "
+        "blocks that learned codes | e2e s / step | e2e samples / step | e2e codes | measured total s | "
         f"full FLUX.1-dev est. min (block stage + {E2E_STEPS} e2e steps) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     scale = (FULL_DOUBLE + FULL_SINGLE) / (args.depth + args.single)  # the measured blocks to all of them
     for cap, r in rows:
         if "error" in r:
-            lines.append(f"| {cap:g} | failed: {r['error'].splitlines()[-1][:200]} | | | | | | | | |")
+            lines.append(f"| {cap:g} | failed: {r['error'].splitlines()[-1][:200]} | | | | | | | | | |")
             continue
         cal = r["report"]["calibration"]
         blocks = cal["block_seconds"]
@@ -140,8 +140,11 @@ def main() -> None:
         per_step = e2e["train_seconds"] / max(args.e2e_steps, 1) if "train_seconds" in e2e else None
         e2e_full = 0.0 if per_step is None else per_step * E2E_STEPS * scale
         step_cell = "skipped" if per_step is None else f"{per_step:.2f}"
+        learned = [k for k, v in cal["block_error"].items() if v.get("codes")]
+        codes_cell = f"{len(learned)} of {len(cal['block_error'])}"
         lines.append(
-            f"| {cap:g} | {r['peak_reserved'] / 2**30:.2f} | {cap_s:.1f} | {d:.1f} | {s:.1f} | {step_cell} | "
+            f"| {cap:g} | {r['peak_reserved'] / 2**30:.2f} | {cap_s:.1f} | {d:.1f} | {s:.1f} | {codes_cell} | "
+            f"{step_cell} | "
             f"{e2e.get('samples_per_step', '-')} | {e2e.get('codes', '-')} | {cal['seconds']:.1f} | "
             f"{full / 60:.1f} + {e2e_full / 60:.1f} |"
         )

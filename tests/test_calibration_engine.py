@@ -462,15 +462,16 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
     out = str(tmp_path / "out.safetensors")
     original, calls = Calibrator._velocity_loss, []
 
-    def counted(self, blocks, idx, grad=False, stop=None):
+    def counted(self, blocks, idx, grad=False, stop=None, **kw):
         if grad:
             calls.append(idx)
             if stop is not None and len(calls) == stop:
                 raise KeyboardInterrupt
-        return original(self, blocks, idx, grad)
+        return original(self, blocks, idx, grad, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False: counted(self, b, i, grad, stop=28))
+        m.setattr(Calibrator, "_velocity_loss",
+                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, 28, **kw))
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     saved = load_file(os.path.join(out + ".calib", "e2e_progress.safetensors"))
@@ -482,7 +483,7 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
         assert step == 26 and not windows
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False: counted(self, b, i, grad))
+        m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, **kw))
         convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     assert len(calls) == 40 - step
     assert f"continuing at step {step}" in capsys.readouterr().out
@@ -498,12 +499,12 @@ def test_end_to_end_progress_of_another_run_is_not_continued(tiny, tmp_path, mon
     original = Calibrator._velocity_loss
     calls = []
 
-    def stop_at_28(self, blocks, idx, grad=False):
+    def stop_at_28(self, blocks, idx, grad=False, **kw):
         if grad:
             calls.append(idx)
             if len(calls) == 28:
                 raise KeyboardInterrupt
-        return original(self, blocks, idx, grad)
+        return original(self, blocks, idx, grad, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(Calibrator, "_velocity_loss", stop_at_28)
@@ -512,10 +513,10 @@ def test_end_to_end_progress_of_another_run_is_not_continued(tiny, tmp_path, mon
     # the same settings, but now the codes do not fit at once: a window of them at a time
     monkeypatch.setattr(engine, "_code_bytes", lambda layers: 1 << 62)
     calls.clear()
-    def counted(self, blocks, idx, grad=False):
+    def counted(self, blocks, idx, grad=False, **kw):
         if grad:
             calls.append(idx)
-        return original(self, blocks, idx, grad)
+        return original(self, blocks, idx, grad, **kw)
 
     monkeypatch.setattr(Calibrator, "_velocity_loss", counted)
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
@@ -583,6 +584,38 @@ def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, c
         else:
             assert "training the scales and branches only" in said and rec["codes"] is False
             assert all(same_codes)
+
+
+def test_end_to_end_batch_larger_than_fits_is_accumulated(tiny, tmp_path, monkeypatch, capsys):
+    """--e2e-batch beyond what fits the GPU at once: each step runs its samples in passes of what fits,
+    every pass's error over the whole batch's reference, so the gradients and the file are those of the
+    batch in one pass (up to float rounding), at more passes."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "e2e_batch": 4, "e2e_steps": 6})
+    one = str(tmp_path / "one.safetensors")
+    convert(tiny["src"], one, device="cpu", progress=False, calibration=settings)
+    single = _record(one)["e2e_error"]
+    assert single["samples_per_step"] == 4 and single["samples_per_pass"] is None
+    original, parts = Calibrator._velocity_loss, []
+
+    def counted(self, blocks, idx, grad=False, **kw):
+        if grad:
+            parts.append(len(idx))
+        return original(self, blocks, idx, grad, **kw)
+
+    acc = str(tmp_path / "acc.safetensors")
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, blocks, tokens, reserved: 3)
+        m.setattr(Calibrator, "_velocity_loss", counted)
+        convert(tiny["src"], acc, device="cpu", progress=False, calibration=settings)
+    assert "3 of the 4 samples per step fit the GPU at once; the step accumulates them over 2 passes" in (
+        capsys.readouterr().out)
+    rec = _record(acc)["e2e_error"]
+    assert rec["samples_per_step"] == 4 and rec["samples_per_pass"] == 3
+    assert max(parts) == 3 and len(parts) > 6  # some steps took two passes
+    a, b = load_file(acc), load_file(one)
+    for layer in read_header(one).layers:
+        torch.testing.assert_close(a[f"{layer}.scale"], b[f"{layer}.scale"], rtol=1e-4, atol=0)
+    assert rec["after"] == pytest.approx(single["after"], rel=1e-4)
 
 
 def test_blocks_keep_gptq_codes_where_learning_them_does_not_fit(tiny, tmp_path, monkeypatch, capsys):
@@ -832,7 +865,7 @@ def test_cli_argument_errors(tiny, tmp_path, capsys):
     "flags",
     [
         ["--keep-calib-dir"], ["--calib-gpu-memory", "4"], ["--distill-steps", "5"], ["--no-learn-codes"],
-        ["--calib-steps", "5"], ["--e2e-steps", "5"], ["--a8-keep", "0.5"], ["--train-bias"],
+        ["--calib-steps", "5"], ["--e2e-steps", "5"], ["--e2e-batch", "4"], ["--a8-keep", "0.5"], ["--train-bias"],
     ],
     ids=lambda f: f[0],
 )
@@ -847,13 +880,14 @@ def test_cli_calibrates(tiny, tmp_path, capsys):
     argv = [
         tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", tiny["cond"],
         "--calib-prompts", "3", "--calib-steps", "2", "--calib-timesteps", "2", "--no-gptq", "--distill-steps", "5",
-        "--lowrank", "2", "--calib-dir", state, "--keep-calib-dir", "--e2e-steps", "3", "--no-learn-codes",
+        "--lowrank", "2", "--calib-dir", state, "--keep-calib-dir", "--e2e-steps", "3", "--e2e-batch", "2",
+        "--no-learn-codes",
     ]
     assert main(argv) == 0
     assert "calibration 6 samples from 3 prompts" in capsys.readouterr().out
     s = _record(out)["settings"]
     assert (s["prompts"], s["steps"], s["timesteps"], s["gptq"], s["distill_steps"], s["lowrank"], s["e2e_steps"],
-            s["learn_codes"]) == (3, 2, 2, False, 5, 2, 3, False)
+            s["e2e_batch"], s["learn_codes"]) == (3, 2, 2, False, 5, 2, 3, 2, False)
     assert s["state_dir"] is None and s["budget"] is None
     assert all(spec.lora_rank == 2 for spec in read_header(out).layers.values())
     with open(os.path.join(state, "state.json")) as f:

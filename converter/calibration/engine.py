@@ -92,7 +92,8 @@ class CalibrationSettings:
     train_bias: bool = False  # distil the quantized linears' biases too (both stages)
     bias_lr: float = 1e-3  # 1e-4 left the block errors unchanged (bench/results/calibration_ablation_cpu.md)
     e2e_steps: int = 2000  # Adam steps of end-to-end velocity matching over all blocks (0: off)
-    e2e_batch: int = 0  # samples per end-to-end step (0: as many as fit micro_batch_tokens)
+    e2e_batch: int = 0  # samples per end-to-end step (0: as many as fit micro_batch_tokens and the GPU; more
+    # than fit the GPU at once are accumulated over several passes, in proportion more time)
     e2e_learn_codes: bool = True  # with learn_codes, learn them in the end-to-end stage too
     e2e_code_share: float = 1.0  # at most this share of them at once (a rotating window: windows.py); the
     # stage lowers it to what fits the GPU
@@ -179,6 +180,9 @@ class Calibrator:
                 raise ConversionError(f"{name} must be 0 or more, got {getattr(settings, name)}")
         if settings.e2e_lr <= 0:
             raise ConversionError(f"e2e_lr must be positive, got {settings.e2e_lr}")
+        if not 0 < settings.e2e_code_share or settings.e2e_window_lr < 0:
+            raise ConversionError(f"e2e_code_share must be positive and e2e_window_lr 0 or more, got "
+                                  f"{settings.e2e_code_share} and {settings.e2e_window_lr}")
         if not os.path.isfile(settings.conditioning):
             raise ConversionError(
                 f"calibration conditioning file {settings.conditioning} not found. Make one with the ComfyUI node "
@@ -387,7 +391,8 @@ class Calibrator:
         batches = self._batches(xs)
         if self.s.distill_batch:
             batches = _split(batches, self.s.distill_batch)
-        self._train(student, self.s.distill_steps, 1.0, batches, lambda idx: self._loss(student, idx, xs, yt, last))
+        self._train(student, self.s.distill_steps, 1.0, batches,
+                    lambda idx: _backward(self._loss(student, idx, xs, yt, last)))
         return before
 
     def _train(
@@ -396,11 +401,13 @@ class Calibrator:
         windows: Optional[CodeWindows] = None,
     ) -> float:
         """Adam on the StudentLinears of `student` (log-scales, branches, code latents, biases), cosine
-        schedule; returns the seconds spent training. With bar_label a progress bar over the steps (the
-        end-to-end stage can take hours). With resume_key (everything the run depends on beyond the
-        parameters) the parameters, Adam's state and the batch sampler are saved 20 times over the run to
-        the state folder, and a later run with the same key continues from the last save. With `windows`
-        the codes are learned a window of layers at a time (windows.py), and saved between windows."""
+        schedule; `loss_fn(batch)` computes a batch's loss and its gradients (it runs the backward, so that
+        a batch may be accumulated in parts) and returns the loss. Returns the seconds spent training.
+        With bar_label a progress bar over the steps (the end-to-end stage can take hours). With
+        resume_key (everything the run depends on beyond the parameters) the parameters, Adam's state and
+        the batch sampler are saved 20 times over the run to the state folder, and a later run with the
+        same key continues from the last save. With `windows` the codes are learned a window of layers at
+        a time (windows.py), and saved between windows."""
         lins = [m for m in student.modules() if isinstance(m, StudentLinear)]
         params_s = [m.log_scale for m in lins]
         params_l = [p for m in lins if m.down is not None for p in (m.down, m.up)]
@@ -437,9 +444,8 @@ class Calibrator:
             cosine = 0.5 * (1 + math.cos(math.pi * step / steps))  # decay to 0
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * (windows.lr_factor(step) if windows and g.get("codes") else cosine)
-            loss = loss_fn(batches[int(torch.randint(len(batches), (1,), generator=gen))])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = loss_fn(batches[int(torch.randint(len(batches), (1,), generator=gen))])
             opt.step()
             if bar.enabled:
                 if (step - start) % 20 == 0:  # .item() waits for the GPU: not every step
@@ -570,7 +576,7 @@ class Calibrator:
         codes_mode: Any = True if at_once else "windows" if windows is not None else False
         lens = self.cond.txt_len[tr["traj_prompt"]]
         tokens = tr["traj_x"].shape[1] + int(lens.max())
-        batches = micro_batches(lens, tokens, self.s.micro_batch_tokens)
+        batches = micro_batches(lens, tokens, self.s.e2e_batch * tokens or self.s.micro_batch_tokens)
         if self.s.e2e_batch:
             batches = _split(batches, self.s.e2e_batch)
         fit = self._e2e_batch_that_fits(blocks, tokens, window_bytes if windows is not None else 0)
@@ -579,23 +585,34 @@ class Calibrator:
                    f"({self._free() / gib:.1f} GiB free); the file holds the block stage's layers")
             print(msg, flush=True)
             return {"skipped": msg}
+        # samples asked for (e2e_batch) beyond what fits at once are accumulated over passes of `fit`; by
+        # default a step takes what fits (testbed, 600 prompts: 4 samples per step 65.0%, 8 68.3%, ~120
+        # 73.8%; bench/results/calibration_windows_h200.md)
+        per_pass = 0
         if fit < max(len(b) for b in batches):
-            batches = _split(batches, fit)
+            if self.s.e2e_batch:
+                per_pass = fit
+                print(f"end-to-end stage: {fit} of the {self.s.e2e_batch} samples per step fit the GPU at once; "
+                      f"the step accumulates them over {-(-self.s.e2e_batch // fit)} passes", flush=True)
+            else:
+                batches = _split(batches, fit)
         # a fixed sample of batches, the same before and after, measures the stage
         gen = torch.Generator().manual_seed(self.s.seed + 1)
         probe = [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)[:16]]
 
         def error() -> float:
             with torch.no_grad():
-                return _mean([self._velocity_loss(blocks, idx) for idx in probe])
+                return _mean([self._velocity_step(blocks, idx, per_pass, grad=False) for idx in probe])
 
         before = error()
         # what a saved run must share to be continued: the settings and what fitted the GPU then
         resume_key = {**self.s.e2e_key(), "codes": codes_mode, "batches": [len(b) for b in batches]}
+        if per_pass:
+            resume_key["per_pass"] = per_pass
         if windows is not None:
             resume_key["windows"] = [[name for name, _ in w] for w in windows.windows]
         t_train = self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
-                              lambda idx: self._velocity_loss(blocks, idx, grad=True), bar_label="end to end",
+                              lambda idx: self._velocity_step(blocks, idx, per_pass), bar_label="end to end",
                               resume_key=resume_key, windows=windows)
         for name, block in zip(self.blocks, blocks):
             results.update(self._export(name, block))
@@ -603,7 +620,8 @@ class Calibrator:
         self.seconds["e2e"] = time.monotonic() - t0
         return {"before": before, "after": after, "samples": len(lens), "codes": codes_mode,
                 "code_windows": len(windows) if windows is not None else 0,
-                "samples_per_step": max(len(b) for b in batches), "seconds": round(self.seconds["e2e"], 1),
+                "samples_per_step": max(len(b) for b in batches), "samples_per_pass": per_pass or None,
+                "seconds": round(self.seconds["e2e"], 1),
                 "train_seconds": round(t_train, 1)}
 
     def _e2e_weight_bytes(self, results: dict[str, LayerResult]) -> int:
@@ -640,8 +658,23 @@ class Calibrator:
         per_sample = tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * (len(blocks) + 40)
         return int((self._free() - reserved) * 0.8) // per_sample
 
-    def _velocity_loss(self, blocks: nn.ModuleList, idx: list[int], grad: bool = False) -> Tensor:
-        """||v_q - v_teacher||^2 / ||v_teacher||^2 on trajectory samples idx (one text length)."""
+    def _velocity_step(self, blocks: nn.ModuleList, idx: list[int], per_pass: int, grad: bool = True) -> Tensor:
+        """The velocity loss of batch idx (with grad: and its gradients), in passes of `per_pass` samples (0:
+        one pass): each pass's error over the whole batch's reference, so that the sum is the batch's loss."""
+        ref = None
+        if per_pass and len(idx) > per_pass:
+            vt = self.trajectories["traj_v"]
+            ref = vt[torch.tensor(idx).to(vt.device)].to(self.device, torch.float32).pow(2).sum()
+        total = torch.zeros((), device=self.device)
+        for part in _split([idx], per_pass) if ref is not None else [idx]:
+            loss = self._velocity_loss(blocks, part, grad=grad, ref=ref)
+            total = total + (_backward(loss) if grad else loss)
+        return total
+
+    def _velocity_loss(self, blocks: nn.ModuleList, idx: list[int], grad: bool = False,
+                       ref: Optional[Tensor] = None) -> Tensor:
+        """||v_q - v_teacher||^2 / ||v_teacher||^2 on trajectory samples idx (one text length); `ref`: the
+        denominator instead (a larger batch's, of which idx is a part)."""
         tr = self.trajectories
         i = torch.tensor(idx)
         pr = tr["traj_prompt"][i]
@@ -654,7 +687,7 @@ class Calibrator:
                 img, txt = run_block(block, img, txt, vec, pe)
         v = self.model.head(img, vec).float()
         vt = tr["traj_v"][i.to(tr["traj_v"].device)].to(self.device, torch.float32)
-        return (v - vt).pow(2).sum() / vt.pow(2).sum()
+        return (v - vt).pow(2).sum() / (vt.pow(2).sum() if ref is None else ref)
 
     def _block_stage(self, xt: Acts, errors: dict[str, dict[str, float]]) -> dict[str, LayerResult]:
         """Step 3 over every block (finished blocks are loaded and only propagated)."""
@@ -752,6 +785,11 @@ class Calibrator:
             lora = (t[f"{layer}.lora_down"], t[f"{layer}.lora_up"]) if f"{layer}.lora_down" in t else None
             out[layer] = LayerResult(qw, lora, t.get(f"{layer}.bias"))
         return out
+
+
+def _backward(loss: Tensor) -> Tensor:
+    loss.backward()
+    return loss.detach()
 
 
 def _mean(losses: list[Tensor]) -> float:
