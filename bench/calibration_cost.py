@@ -70,10 +70,17 @@ def run(src: str, cond: str, out: str, cap: float, args: argparse.Namespace) -> 
         cmd += ["--no-gptq"]
     cmd += ["--e2e-steps", str(args.e2e_steps)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    # the converter's messages are echoed with the elapsed time as they come, so a run cut short by a time
+    # limit still shows how far each stage got
+    lines = []
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            print(f"  [{cap:g} GiB, {time.monotonic() - t0:6.1f} s] {line.rstrip()}", flush=True)
     wall = time.monotonic() - t0
     if proc.returncode:
-        return {"error": (proc.stderr or proc.stdout)[-2000:], "wall": wall}
+        return {"error": "".join(lines)[-2000:], "wall": wall}
     with open(report) as f:
         rep = json.load(f)
     with open(report + ".mem") as f:

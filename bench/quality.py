@@ -159,7 +159,7 @@ def main() -> None:
     print(f"full precision: {rows[0][2]['overall'] * 100:.1f}%", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cond = os.path.join(tmp, "calibration.safetensors")
-        conditioning = testbed_conditioning(args.calib_prompts, weights_dir=args.weights, device=args.device)
+        conditioning = testbed_conditioning(args.calib_prompts, encoder=te)
         if overlapping_prompts(conditioning, eval_prompts(args.n, args.seed)):
             raise SystemExit("calibration prompts overlap the evaluation prompts")
         save_conditioning(cond, conditioning)

@@ -15,6 +15,21 @@ from typing import Optional
 _CHUNK = 8 << 20
 
 
+def sha256_files(files: list[str], stop: Optional[threading.Event] = None) -> Optional[str]:
+    """sha256 of the files' bytes concatenated; None if `stop` was set before the end."""
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while not (stop is not None and stop.is_set()):
+                n = f.readinto(buf)
+                if not n:
+                    break
+                h.update(view[:n])
+    return None if stop is not None and stop.is_set() else h.hexdigest()
+
+
 class BackgroundHasher:
     def __init__(self, files: list[str]) -> None:
         self._files = files
@@ -25,19 +40,8 @@ class BackgroundHasher:
         self._thread.start()
 
     def _run(self) -> None:
-        h = hashlib.sha256()
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
         try:
-            for path in self._files:
-                with open(path, "rb", buffering=0) as f:
-                    while not self._stop.is_set():
-                        n = f.readinto(buf)
-                        if not n:
-                            break
-                        h.update(view[:n])
-            if not self._stop.is_set():
-                self._digest = h.hexdigest()
+            self._digest = sha256_files(self._files, self._stop)
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import shutil
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ import bitkernel.functional as F
 from bitkernel.formats import QuantizedWeight
 
 from .architecture import detect_architecture
+from .atomic import partial_name, remove_stale_partials
 from .calibration.engine import CalibrationSettings, LayerResult, calibrate
 from .calibration.state import remove_state
 from .errors import ConversionError
@@ -128,8 +128,8 @@ def convert(
             report.seconds = time.monotonic() - start
             return report
         _check_disk(output, report.output_bytes)
-        _remove_stale_partials(output)
-        tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.partial-{os.getpid()}")
+        remove_stale_partials(output)
+        tmp = partial_name(output)
         hasher = BackgroundHasher(source.files)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -249,23 +249,6 @@ def _check_disk(output: str, need: int) -> None:
             f"not enough disk space in {os.path.dirname(output)}: the output needs {need / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB are free."
         )
-
-
-def _remove_stale_partials(output: str) -> None:
-    """Removes temporary files left by converter runs that were killed (SIGKILL, power loss)."""
-    folder, base = os.path.dirname(output), os.path.basename(output)
-    pattern = re.compile(rf"^\.{re.escape(base)}\.partial-(\d+)$")
-    for name in os.listdir(folder):
-        m = pattern.match(name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
-        except OSError:
-            pass  # alive, owned by someone else
 
 
 def _publish(tmp: str, output: str, force: bool) -> None:

@@ -86,9 +86,10 @@ def encode(encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> t
 
 def testbed_conditioning(
     n: int = GPU_PROMPTS, seed: int = 0, weights_dir: str = WEIGHTS_DIR, device: torch.device | str = "cpu",
-    prompts: Optional[list[str]] = None,
+    prompts: Optional[list[str]] = None, encoder: Optional[TextEncoder] = None,
 ) -> CalibrationConditioning:
-    """n calibration prompts (or `prompts`) encoded by the testbed's text encoder in `weights_dir`.
+    """n calibration prompts (or `prompts`) encoded by the testbed's text encoder in `weights_dir` (or
+    `encoder`, already loaded in float32).
 
     Raises ValueError if a prompt is an evaluation prompt or uses words outside
     the encoder's vocabulary.
@@ -101,7 +102,8 @@ def testbed_conditioning(
     if not prompts:
         raise ValueError("no prompts to encode")
     check_not_eval(prompts)
-    encoder = load_text_encoder(os.path.join(weights_dir, TEXT_FILE), device, torch.float32)
+    if encoder is None:
+        encoder = load_text_encoder(os.path.join(weights_dir, TEXT_FILE), device, torch.float32)
     txt, vec = encode(encoder, prompts)
     return CalibrationConditioning(
         txt=txt, vec=vec, prompts=prompts, encoder=ENCODER_NAME, image_tokens=IMAGE_TOKENS, guidance=DEFAULT_GUIDANCE

@@ -586,6 +586,63 @@ def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, c
             assert all(same_codes)
 
 
+def test_end_to_end_continued_with_more_free_memory_keeps_its_windows(tiny, tmp_path, monkeypatch, capsys):
+    """The free GPU memory differs between runs (the trajectories may now be on the CPU, other processes):
+    a continued run keeps the windows it saved where they still fit (here all codes would now fit at
+    once), instead of starting the stage again, and gives the file of the uninterrupted run."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 60,
+                                                     "e2e_window_lr": 2})
+    ref0 = tiny["converted"]("codes", learn_codes=True)
+    sizes = [t.numel() for k, t in load_file(tiny["src"]).items()
+             if k.rpartition(".")[0] in read_header(ref0).layers and k.endswith(".weight")]
+    small = 9 * sum(sizes) + 16 * max(sizes)
+    original_e2e, original_loss, calls = Calibrator.end_to_end, Calibrator._velocity_loss, []
+
+    def limited(free):
+        def run(self, results):
+            self._free = lambda: free
+            try:
+                return original_e2e(self, results)
+            finally:
+                del self._free
+        return run
+
+    def counted(self, blocks, idx, grad=False, stop=None, **kw):
+        if grad:
+            calls.append(idx)
+            if stop is not None and len(calls) == stop:
+                raise KeyboardInterrupt
+        return original_loss(self, blocks, idx, grad, **kw)
+
+    ref, out = str(tmp_path / "ref.safetensors"), str(tmp_path / "out.safetensors")
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "end_to_end", limited(small))
+        convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
+        m.setattr(Calibrator, "_velocity_loss",
+                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, 40, **kw))
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    windows = _record(ref)["e2e_error"]["code_windows"]
+    assert windows > 2
+    step = int(load_file(os.path.join(out + ".calib", "e2e_progress.safetensors"))["@step"])
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "end_to_end", limited(3 * small))  # room for every code at once now
+        m.setattr(Calibrator, "_velocity_loss",
+                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, **kw))
+        convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    said = capsys.readouterr().out
+    assert f"continuing at step {step}" in said and len(calls) == 60 - step
+    assert _record(out)["e2e_error"]["code_windows"] == windows
+    _tensors_equal(out, ref)
+    # a fresh run with that much room learns every code at once
+    fresh = str(tmp_path / "fresh.safetensors")
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "end_to_end", limited(3 * small))
+        convert(tiny["src"], fresh, device="cpu", progress=False, calibration=settings)
+    assert _record(fresh)["e2e_error"]["codes"] is True
+
+
 def test_end_to_end_batch_larger_than_fits_is_accumulated(tiny, tmp_path, monkeypatch, capsys):
     """--e2e-batch beyond what fits the GPU at once: each step runs its samples in passes of what fits,
     every pass's error over the whole batch's reference, so the gradients and the file are those of the
@@ -604,7 +661,7 @@ def test_end_to_end_batch_larger_than_fits_is_accumulated(tiny, tmp_path, monkey
 
     acc = str(tmp_path / "acc.safetensors")
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, blocks, tokens, reserved: 3)
+        m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, tokens, reserved: 3)
         m.setattr(Calibrator, "_velocity_loss", counted)
         convert(tiny["src"], acc, device="cpu", progress=False, calibration=settings)
     assert "3 of the 4 samples per step fit the GPU at once; the step accumulates them over 2 passes" in (

@@ -56,7 +56,7 @@ from ..architecture import Architecture
 from ..errors import ConversionError
 from ..fileformat import LayerSpec
 from ..flux_model import get_schedule
-from ..hashing import BackgroundHasher
+from ..hashing import sha256_files
 from ..methods import quantize_weight
 from ..progress import Progress
 from ..sources import Source
@@ -192,7 +192,7 @@ class Calibrator:
         if settings.prompts:
             self.cond = self.cond.select(list(range(min(settings.prompts, len(self.cond)))))
         self.state = CalibrationState(
-            settings.state_dir, settings.key(source, BackgroundHasher([settings.conditioning]).result())
+            settings.state_dir, settings.key(source, sha256_files([settings.conditioning]))
         )
         if device.type == "cuda" and settings.gpu_memory_gb:
             total = torch.cuda.get_device_properties(device).total_memory
@@ -365,8 +365,8 @@ class Calibrator:
             bias = res.bias if res.bias is not None else old.bias
             bias = None if bias is None else bias.detach()
             qw = res.qw
-            qw = QuantizedWeight(
-                qw.fmt, qw.qweight.to(self.device), qw.scale.to(self.device),
+            qw = QuantizedWeight(  # a copy: learned codes are frozen into it in place (windows.py)
+                qw.fmt, qw.qweight.to(self.device, copy=True), qw.scale.to(self.device),
                 None if qw.zero is None else qw.zero.to(self.device), qw.in_features, qw.group_size,
             )
             latent = old.weight.detach() if learn_codes and qw.fmt == "ternary" else None
@@ -546,10 +546,20 @@ class Calibrator:
             return {"skipped": msg}
         codes = self.s.learn_codes and self.s.e2e_learn_codes
         all_codes = _code_bytes(results)
-        # every code at once where they fit and the settings allow; else a rotating window (windows.py) of
-        # what half the room left by the model allows: FLUX.1-dev's codes (~190 GB) fit no single GPU
-        at_once = codes and self.s.e2e_code_share >= 1 and need + all_codes <= free
-        window_bytes = 0 if at_once or not codes else int(min(self.s.e2e_code_share * all_codes, (free - need) / 2))
+        lens = self.cond.txt_len[tr["traj_prompt"]]
+        tokens = tr["traj_x"].shape[1] + int(lens.max())
+        one = self._e2e_sample_bytes(tokens) / 0.8  # one sample's activations, with _e2e_batch_that_fits' slack
+        # A continued run takes the plan it saved (windows, samples per step) where it still fits: the free
+        # memory differs between runs (the trajectories may now be on the CPU, other processes).
+        saved = (self.state.data.get("e2e_progress") or {}).get("key") or {}
+        # every code at once where they fit next to one sample and the settings allow; else a rotating window
+        # (windows.py) of at most half the room the model leaves, and never so much that no sample fits:
+        # FLUX.1-dev's codes (~190 GB) fit no single GPU
+        at_once = codes and self.s.e2e_code_share >= 1 and need + all_codes + one <= free
+        at_once = at_once and saved.get("codes") != "windows"  # a continued run keeps its windows
+        window_bytes = 0
+        if codes and not at_once:
+            window_bytes = int(max(0, min(self.s.e2e_code_share * all_codes, (free - need) / 2, free - need - one)))
         blocks = nn.ModuleList(
             self.student_block(name, self.model.block(name), _of_block(results, name), at_once)
             for name in self.blocks
@@ -558,7 +568,7 @@ class Calibrator:
         if window_bytes:
             ternary = [(f"{name}.{path}", m) for name, block in zip(self.blocks, blocks)
                        for path, m in block.named_modules() if isinstance(m, StudentLinear) and m.fmt == "ternary"]
-            windows = CodeWindows(ternary, window_bytes, self.s.e2e_steps, self.model.weight)
+            windows = CodeWindows(ternary, window_bytes, self.s.e2e_steps, self.model.weight, saved.get("windows"))
             if len(windows) > self.s.e2e_steps:
                 print(f"end-to-end stage: the learned codes take {len(windows)} windows, more than the "
                       f"{self.s.e2e_steps} steps; raise --e2e-steps to learn them", flush=True)
@@ -574,12 +584,13 @@ class Calibrator:
             print(f"end-to-end stage: training the scales and branches only (learned codes need "
                   f"{all_codes / gib:.1f} GiB, {free / gib:.1f} GiB are free)", flush=True)
         codes_mode: Any = True if at_once else "windows" if windows is not None else False
-        lens = self.cond.txt_len[tr["traj_prompt"]]
-        tokens = tr["traj_x"].shape[1] + int(lens.max())
         batches = micro_batches(lens, tokens, self.s.e2e_batch * tokens or self.s.micro_batch_tokens)
         if self.s.e2e_batch:
             batches = _split(batches, self.s.e2e_batch)
-        fit = self._e2e_batch_that_fits(blocks, tokens, window_bytes if windows is not None else 0)
+        # the memory the stage has yet to take: a window's latents and training state, or with every code
+        # at once their gradients and Adam moments (the latents exist already)
+        reserved = window_bytes if windows is not None else all_codes * 3 // 4 if at_once else 0
+        fit = self._e2e_batch_that_fits(tokens, reserved)
         if fit < 1:
             msg = (f"end-to-end stage skipped: one sample's activations do not fit next to the model "
                    f"({self._free() / gib:.1f} GiB free); the file holds the block stage's layers")
@@ -595,7 +606,7 @@ class Calibrator:
                 print(f"end-to-end stage: {fit} of the {self.s.e2e_batch} samples per step fit the GPU at once; "
                       f"the step accumulates them over {-(-self.s.e2e_batch // fit)} passes", flush=True)
             else:
-                batches = _split(batches, fit)
+                batches = _split(batches, min(fit, max(saved.get("batches") or [fit])))
         # a fixed sample of batches, the same before and after, measures the stage
         gen = torch.Generator().manual_seed(self.s.seed + 1)
         probe = [batches[int(i)] for i in torch.randperm(len(batches), generator=gen)[:16]]
@@ -607,8 +618,6 @@ class Calibrator:
         before = error()
         # what a saved run must share to be continued: the settings and what fitted the GPU then
         resume_key = {**self.s.e2e_key(), "codes": codes_mode, "batches": [len(b) for b in batches]}
-        if per_pass:
-            resume_key["per_pass"] = per_pass
         if windows is not None:
             resume_key["windows"] = [[name for name, _ in w] for w in windows.windows]
         t_train = self._train(blocks, self.s.e2e_steps, self.s.e2e_lr, batches,
@@ -620,6 +629,7 @@ class Calibrator:
         self.seconds["e2e"] = time.monotonic() - t0
         return {"before": before, "after": after, "samples": len(lens), "codes": codes_mode,
                 "code_windows": len(windows) if windows is not None else 0,
+                "code_windows_skipped": windows.skipped if windows is not None else [],
                 "samples_per_step": max(len(b) for b in batches), "samples_per_pass": per_pass or None,
                 "seconds": round(self.seconds["e2e"], 1),
                 "train_seconds": round(t_train, 1)}
@@ -649,14 +659,16 @@ class Calibrator:
                 total += math.prod(shape) * esize
         return total
 
-    def _e2e_batch_that_fits(self, blocks: nn.ModuleList, tokens: int, reserved: int) -> int:
-        """Samples per step that fit next to the model and `reserved` bytes (a window of learned codes):
-        each keeps one block input per block for the backward (checkpointing) and about 40 hidden-sized
-        tensors inside the block being recomputed."""
+    def _e2e_sample_bytes(self, tokens: int) -> int:
+        """One sample's activations in an end-to-end step: one block input per block for the backward
+        (checkpointing) and about 40 hidden-sized tensors inside the block being recomputed."""
+        return tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * (len(self.blocks) + 40)
+
+    def _e2e_batch_that_fits(self, tokens: int, reserved: int) -> int:
+        """Samples per step that fit next to the model and the `reserved` bytes it has yet to take."""
         if self.device.type != "cuda":
             return 1 << 30
-        per_sample = tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * (len(blocks) + 40)
-        return int((self._free() - reserved) * 0.8) // per_sample
+        return int((self._free() - reserved) * 0.8) // self._e2e_sample_bytes(tokens)
 
     def _velocity_step(self, blocks: nn.ModuleList, idx: list[int], per_pass: int, grad: bool = True) -> Tensor:
         """The velocity loss of batch idx (with grad: and its gradients), in passes of `per_pass` samples (0:

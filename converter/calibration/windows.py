@@ -21,7 +21,7 @@ testbed (12 windows) x1, x3 and x10 scored 71.2%, 74.0% and 66.0%, against
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -35,26 +35,34 @@ class CodeWindows:
     """Which layers learn their codes at which step of a stage of `steps` steps."""
 
     def __init__(self, layers: list[tuple[str, StudentLinear]], budget: int, steps: int,
-                 load_weight: Callable[[str], Tensor]) -> None:
+                 load_weight: Callable[[str], Tensor], partition: Optional[list[list[str]]] = None) -> None:
         """`layers`: the ternary layers (name, module) in model order; `budget`: GPU bytes a window may
         take; `load_weight(name)`: a layer's full-precision weight. Layers larger than the budget keep
-        their codes (see `skipped`)."""
-        self.windows: list[list[tuple[str, StudentLinear]]] = []
-        self.skipped: list[str] = []
-        cur: list[tuple[str, StudentLinear]] = []
-        used = 0
-        for name, lin in layers:
-            size = BYTES_PER_CODE * lin.qweight.shape[0] * lin.in_features
-            if size > budget:
-                self.skipped.append(name)
-                continue
-            if cur and used + size > budget:
+        their codes (see `skipped`). `partition`: the windows by layer name of an earlier run, taken where
+        they are of these layers and every window fits the budget (a continued run keeps its windows)."""
+        size = {name: BYTES_PER_CODE * lin.qweight.shape[0] * lin.in_features for name, lin in layers}
+        by_name = dict(layers)
+        if partition is not None and all(n in by_name for w in partition for n in w) and all(
+            sum(size[n] for n in w) <= budget for w in partition
+        ):
+            self.windows = [[(n, by_name[n]) for n in w] for w in partition]
+            kept = {n for w in partition for n in w}
+            self.skipped = [name for name, _ in layers if name not in kept]
+        else:
+            self.windows, self.skipped = [], []
+            cur: list[tuple[str, StudentLinear]] = []
+            used = 0
+            for name, lin in layers:
+                if size[name] > budget:
+                    self.skipped.append(name)
+                    continue
+                if cur and used + size[name] > budget:
+                    self.windows.append(cur)
+                    cur, used = [], 0
+                cur.append((name, lin))
+                used += size[name]
+            if cur:
                 self.windows.append(cur)
-                cur, used = [], 0
-            cur.append((name, lin))
-            used += size
-        if cur:
-            self.windows.append(cur)
         self.steps, self.load_weight = steps, load_weight
         self.current = -1  # the window whose codes are being learned (-1: none)
 
@@ -84,17 +92,18 @@ class CodeWindows:
         """Freezes the current window's codes into the packed buffers and frees the latents."""
         if self.current < 0:
             return
-        for group in [g for g in opt.param_groups if g.get("codes")]:
-            for p in group["params"]:
-                opt.state.pop(p, None)
-            opt.param_groups.remove(group)
+        for group in opt.param_groups:
+            if group.get("codes"):
+                for p in group["params"]:
+                    opt.state.pop(p, None)
+        opt.param_groups[:] = [g for g in opt.param_groups if not g.get("codes")]
         for _, lin in self.windows[self.current]:
             lin.freeze_codes()
         self.current = -1
 
     def checkpoint(self, step: int) -> bool:
         """Whether the stage may save its progress before `step`: only between windows (no latent is
-        alive then), about 20 times over the stage."""
+        alive then), about 20 times over the stage (with fewer windows, at each window's start)."""
         i = self.index(step)
         return step == self._start(i) and i % max(1, len(self.windows) // 20) == 0
 
