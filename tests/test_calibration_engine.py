@@ -643,6 +643,39 @@ def test_end_to_end_continued_with_more_free_memory_keeps_its_windows(tiny, tmp_
     assert _record(fresh)["e2e_error"]["codes"] is True
 
 
+def test_end_to_end_continued_with_more_free_memory_keeps_its_samples_per_step(tiny, tmp_path, monkeypatch,
+                                                                               capsys):
+    """Without --e2e-batch a step takes what fits; a continued run that now fits more keeps the samples per
+    step it saved (the batches, the sampler and Adam's state go together) and gives the uninterrupted file."""
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "e2e_batch": 0})
+    original, calls = Calibrator._velocity_loss, []
+
+    def counted(self, blocks, idx, grad=False, stop=None, **kw):
+        if grad:
+            calls.append(len(idx))
+            if stop is not None and len(calls) == stop:
+                raise KeyboardInterrupt
+        return original(self, blocks, idx, grad, **kw)
+
+    ref, out = str(tmp_path / "ref.safetensors"), str(tmp_path / "out.safetensors")
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, tokens, reserved: 4)
+        convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
+        m.setattr(Calibrator, "_velocity_loss",
+                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, 28, **kw))
+        with pytest.raises(KeyboardInterrupt):
+            convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert _record(ref)["e2e_error"]["samples_per_step"] == 4
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, tokens, reserved: 6)
+        m.setattr(Calibrator, "_velocity_loss",
+                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, **kw))
+        convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert "continuing at step 26" in capsys.readouterr().out and len(calls) == 40 - 26 and max(calls) <= 4
+    _tensors_equal(out, ref)
+
+
 def test_end_to_end_batch_larger_than_fits_is_accumulated(tiny, tmp_path, monkeypatch, capsys):
     """--e2e-batch beyond what fits the GPU at once: each step runs its samples in passes of what fits,
     every pass's error over the whole batch's reference, so the gradients and the file are those of the
