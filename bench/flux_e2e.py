@@ -302,15 +302,11 @@ def build_comfy(arch: Architecture, variant: str, x: Inputs, device: torch.devic
     specs = layer_specs(arch, variant)
     quantized = VARIANTS[variant] is not None
     header = c["header"](architecture=arch.to_dict(), layers=specs if quantized else {})
-    config = loader.model_config_for(header)
     name = {v: k for k, v in DTYPES.items()}[dtype]
-    # The loader node's dtype choice with its compute_dtype option set (the default picks bf16 on an H200).
-    unet_dtype, manual_cast = loader.pick_dtypes(config, device, 0, name)
-    config.set_inference_dtype(unet_dtype, manual_cast)
-    if quantized:  # as comfy_nodes.loader.build_model; bf16 keeps ComfyUI's stock operations
-        base = loader.base_operations(unet_dtype, manual_cast, device)
-        config.custom_operations = c["ops"](base, specs, manual_cast or unet_dtype)
-    model = config.get_model({}, "", device=device)
+    # The loader node's model with its compute_dtype option set (the default picks bf16 on an H200); bf16
+    # keeps ComfyUI's stock operations. Built on the GPU: 12B parameters are not materialised on the CPU.
+    model = loader.empty_model(header, name, quantized, device, 0, device=device)
+    unet_dtype, manual_cast = model.model_config.unet_config.get("dtype"), model.manual_cast_dtype
     dm = model.diffusion_model
     loaded: set[str] = set()
     for _, tensors in weight_groups(arch, specs, device, dtype):

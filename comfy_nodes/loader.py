@@ -131,18 +131,32 @@ def build_model(
     packed=False builds it with ComfyUI's stock ops instead (for a dense reference: a state dict
     with `.weight` tensors everywhere)."""
     load_device = load_device or mm.get_torch_device()
+    model = empty_model(header, compute_dtype, packed, load_device, model_bytes)
+    model = model.to(mm.unet_offload_device())
+    model.load_model_weights(state_dict, "")
+    if packed:
+        _check_complete(model.diffusion_model, header)
+    return model
+
+
+def empty_model(
+    header: BitfluxHeader,
+    compute_dtype: Optional[str],
+    packed: bool,
+    load_device: torch.device,
+    model_bytes: int = 0,
+    device: Optional[torch.device] = None,
+):
+    """ComfyUI's Flux BaseModel for `header` without weights: the dtypes the loader node picks for
+    `load_device`, our packed operations (packed=True) or ComfyUI's stock ones, built on `device` (None:
+    where ComfyUI builds it)."""
     config = model_config_for(header)
     unet_dtype, manual_cast = pick_dtypes(config, load_device, model_bytes, compute_dtype)
     config.set_inference_dtype(unet_dtype, manual_cast)
     if packed:
         base = base_operations(unet_dtype, manual_cast, load_device)
         config.custom_operations = make_operations(base, header.layers, manual_cast or unet_dtype)
-    model = config.get_model({}, "")
-    model = model.to(mm.unet_offload_device())
-    model.load_model_weights(state_dict, "")
-    if packed:
-        _check_complete(model.diffusion_model, header)
-    return model
+    return config.get_model({}, "", device=device)
 
 
 def _check_complete(diffusion_model: torch.nn.Module, header: BitfluxHeader) -> None:
