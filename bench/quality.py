@@ -52,8 +52,11 @@ METHODS = {
     "gptq+scales+codes+e2e (default)": {**T, "calibration": {}},
     "gptq+scales+codes+e2e a8": {**T, "default_format": "ternary+a8", "calibration": {}},
     "gptq+scales+codes+e2e r16": {**T, "calibration": {"lowrank": 16}},
-    # what FLUX.1-dev gets on any single GPU: codes learned per block, frozen in the end-to-end stage
+    # codes learned per block, frozen in the end-to-end stage (what FLUX.1-dev got before windows.py)
     "gptq+scales+codes+e2e scales-only": {**T, "calibration": {"e2e_learn_codes": False}},
+    # what FLUX.1-dev gets on one 16-24 GB GPU, emulated: the end-to-end stage learns the codes 12 windows at
+    # a time (the testbed's finest split) with 4 samples per step
+    "gptq+scales+codes+e2e windows b4": {**T, "calibration": {"e2e_code_share": 0.1, "e2e_batch": 4}},
     "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits"}},
     "gptq+scales+codes": {**T, "calibration": NO_E2E},
     "gptq+scales+e2e": {**T, "calibration": NO_CODES},

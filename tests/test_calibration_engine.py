@@ -527,8 +527,7 @@ def test_end_to_end_progress_of_another_run_is_not_continued(tiny, tmp_path, mon
 
 
 def test_end_to_end_stage_without_codes_keeps_the_block_stages_codes(tiny):
-    """e2e_learn_codes=False (what FLUX.1-dev's size forces on any GPU): the block stage learns codes, the
-    end-to-end stage trains scales only."""
+    """e2e_learn_codes=False: the block stage learns codes, the end-to-end stage trains scales only."""
     with_codes = tiny["converted"]("e2e-codes", learn_codes=True, **E2E)
     frozen = tiny["converted"]("e2e-frozen", learn_codes=True, e2e_learn_codes=False, **E2E)
     block_stage = tiny["converted"]("codes", learn_codes=True)
