@@ -340,6 +340,35 @@ def test_interrupted_run_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, e
 E2E = dict(e2e_steps=40, e2e_batch=1, e2e_lr=1.0)
 
 
+def _counting_velocity_loss(calls: list, stop=None, what=lambda idx: idx):
+    """Calibrator._velocity_loss that appends what(idx) of every training pass to `calls` and raises
+    KeyboardInterrupt at the `stop`-th (an interrupted run)."""
+    original = Calibrator._velocity_loss
+
+    def counted(self, blocks, idx, grad=False, **kw):
+        if grad:
+            calls.append(what(idx))
+            if stop is not None and len(calls) == stop:
+                raise KeyboardInterrupt
+        return original(self, blocks, idx, grad, **kw)
+
+    return counted
+
+
+def _end_to_end_seeing(free: int):
+    """Calibrator.end_to_end with `free` bytes of GPU memory free (the stage's view of the GPU only)."""
+    original = Calibrator.end_to_end
+
+    def run(self, results):
+        self._free = lambda: free
+        try:
+            return original(self, results)
+        finally:
+            del self._free
+
+    return run
+
+
 def _e2e(tiny) -> str:
     return tiny["converted"]("e2e", keep=True, **E2E)
 
@@ -460,18 +489,9 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
     ref = str(tmp_path / "ref.safetensors")
     convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
     out = str(tmp_path / "out.safetensors")
-    original, calls = Calibrator._velocity_loss, []
-
-    def counted(self, blocks, idx, grad=False, stop=None, **kw):
-        if grad:
-            calls.append(idx)
-            if stop is not None and len(calls) == stop:
-                raise KeyboardInterrupt
-        return original(self, blocks, idx, grad, **kw)
-
+    calls = []
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "_velocity_loss",
-                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, 28, **kw))
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls, stop=28))
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     saved = load_file(os.path.join(out + ".calib", "e2e_progress.safetensors"))
@@ -483,7 +503,7 @@ def test_end_to_end_stage_interrupted_mid_way_continues_to_the_same_file(tiny, t
         assert step == 26 and not windows
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "_velocity_loss", lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, **kw))
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls))
         convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     assert len(calls) == 40 - step
     assert f"continuing at step {step}" in capsys.readouterr().out
@@ -496,29 +516,15 @@ def test_end_to_end_progress_of_another_run_is_not_continued(tiny, tmp_path, mon
     parameters are not the same, so the stage starts again, says so, and gives the uninterrupted file."""
     settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True})
     out = str(tmp_path / "out.safetensors")
-    original = Calibrator._velocity_loss
     calls = []
-
-    def stop_at_28(self, blocks, idx, grad=False, **kw):
-        if grad:
-            calls.append(idx)
-            if len(calls) == 28:
-                raise KeyboardInterrupt
-        return original(self, blocks, idx, grad, **kw)
-
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "_velocity_loss", stop_at_28)
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls, stop=28))
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     # the same settings, but now the codes do not fit at once: a window of them at a time
     monkeypatch.setattr(engine, "_code_bytes", lambda layers: 1 << 62)
     calls.clear()
-    def counted(self, blocks, idx, grad=False, **kw):
-        if grad:
-            calls.append(idx)
-        return original(self, blocks, idx, grad, **kw)
-
-    monkeypatch.setattr(Calibrator, "_velocity_loss", counted)
+    monkeypatch.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls))
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
     said = capsys.readouterr().out
     assert "saved progress is of another run" in said and len(calls) == 40
@@ -552,20 +558,11 @@ def test_end_to_end_stage_fits_what_the_gpu_holds(tiny, tmp_path, monkeypatch, c
     room = 9 * sum(sizes) + 16 * max(sizes)
     base = CalibrationSettings(tiny["cond"],
                                **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 60, "e2e_window_lr": 2})
-    original = Calibrator.end_to_end
     tiny_share = dataclasses.replace(base, e2e_code_share=min(sizes) / sum(sizes) / 2)
     for free, settings, expect in ((room, base, "windows"), (room, tiny_share, "scales"), (0, base, "skipped")):
         out = str(tmp_path / f"{expect}.safetensors")
-
-        def limited(self, results, free=free):
-            self._free = lambda: free  # the end-to-end stage's view of the GPU only
-            try:
-                return original(self, results)
-            finally:
-                del self._free
-
         with monkeypatch.context() as m:
-            m.setattr(Calibrator, "end_to_end", limited)
+            m.setattr(Calibrator, "end_to_end", _end_to_end_seeing(free))
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
         said = capsys.readouterr().out
         rec, a, b = _record(out)["e2e_error"], load_file(out), load_file(ref)
@@ -595,30 +592,12 @@ def test_end_to_end_continued_with_more_free_memory_keeps_its_windows(tiny, tmp_
     sizes = [t.numel() for k, t in load_file(tiny["src"]).items()
              if k.rpartition(".")[0] in read_header(ref0).layers and k.endswith(".weight")]
     small = 9 * sum(sizes) + 16 * max(sizes)
-    original_e2e, original_loss, calls = Calibrator.end_to_end, Calibrator._velocity_loss, []
-
-    def limited(free):
-        def run(self, results):
-            self._free = lambda: free
-            try:
-                return original_e2e(self, results)
-            finally:
-                del self._free
-        return run
-
-    def counted(self, blocks, idx, grad=False, stop=None, **kw):
-        if grad:
-            calls.append(idx)
-            if stop is not None and len(calls) == stop:
-                raise KeyboardInterrupt
-        return original_loss(self, blocks, idx, grad, **kw)
-
+    calls = []
     ref, out = str(tmp_path / "ref.safetensors"), str(tmp_path / "out.safetensors")
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "end_to_end", limited(small))
+        m.setattr(Calibrator, "end_to_end", _end_to_end_seeing(small))
         convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
-        m.setattr(Calibrator, "_velocity_loss",
-                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, 40, **kw))
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls, stop=40))
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     windows = _record(ref)["e2e_error"]["code_windows"]
@@ -626,9 +605,8 @@ def test_end_to_end_continued_with_more_free_memory_keeps_its_windows(tiny, tmp_
     step = int(load_file(os.path.join(out + ".calib", "e2e_progress.safetensors"))["@step"])
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "end_to_end", limited(3 * small))  # room for every code at once now
-        m.setattr(Calibrator, "_velocity_loss",
-                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, **kw))
+        m.setattr(Calibrator, "end_to_end", _end_to_end_seeing(3 * small))  # room for every code at once now
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls))
         convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     said = capsys.readouterr().out
     assert f"continuing at step {step}" in said and len(calls) == 60 - step
@@ -637,7 +615,7 @@ def test_end_to_end_continued_with_more_free_memory_keeps_its_windows(tiny, tmp_
     # a fresh run with that much room learns every code at once
     fresh = str(tmp_path / "fresh.safetensors")
     with monkeypatch.context() as m:
-        m.setattr(Calibrator, "end_to_end", limited(3 * small))
+        m.setattr(Calibrator, "end_to_end", _end_to_end_seeing(3 * small))
         convert(tiny["src"], fresh, device="cpu", progress=False, calibration=settings)
     assert _record(fresh)["e2e_error"]["codes"] is True
 
@@ -647,29 +625,19 @@ def test_end_to_end_continued_with_more_free_memory_keeps_its_samples_per_step(t
     """Without --e2e-batch a step takes what fits; a continued run that now fits more keeps the samples per
     step it saved (the batches, the sampler and Adam's state go together) and gives the uninterrupted file."""
     settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "e2e_batch": 0})
-    original, calls = Calibrator._velocity_loss, []
-
-    def counted(self, blocks, idx, grad=False, stop=None, **kw):
-        if grad:
-            calls.append(len(idx))
-            if stop is not None and len(calls) == stop:
-                raise KeyboardInterrupt
-        return original(self, blocks, idx, grad, **kw)
-
+    calls = []
     ref, out = str(tmp_path / "ref.safetensors"), str(tmp_path / "out.safetensors")
     with monkeypatch.context() as m:
         m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, tokens, reserved: 4)
         convert(tiny["src"], ref, device="cpu", progress=False, calibration=settings)
-        m.setattr(Calibrator, "_velocity_loss",
-                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, 28, **kw))
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls, stop=28, what=len))
         with pytest.raises(KeyboardInterrupt):
             convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     assert _record(ref)["e2e_error"]["samples_per_step"] == 4
     calls.clear()
     with monkeypatch.context() as m:
         m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, tokens, reserved: 6)
-        m.setattr(Calibrator, "_velocity_loss",
-                  lambda self, b, i, grad=False, **kw: counted(self, b, i, grad, **kw))
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(calls, what=len))
         convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     assert "continuing at step 26" in capsys.readouterr().out and len(calls) == 40 - 26 and max(calls) <= 4
     _tensors_equal(out, ref)
@@ -684,17 +652,11 @@ def test_end_to_end_batch_larger_than_fits_is_accumulated(tiny, tmp_path, monkey
     convert(tiny["src"], one, device="cpu", progress=False, calibration=settings)
     single = _record(one)["e2e_error"]
     assert single["samples_per_step"] == 4 and single["samples_per_pass"] is None
-    original, parts = Calibrator._velocity_loss, []
-
-    def counted(self, blocks, idx, grad=False, **kw):
-        if grad:
-            parts.append(len(idx))
-        return original(self, blocks, idx, grad, **kw)
-
+    parts = []
     acc = str(tmp_path / "acc.safetensors")
     with monkeypatch.context() as m:
         m.setattr(Calibrator, "_e2e_batch_that_fits", lambda self, tokens, reserved: 3)
-        m.setattr(Calibrator, "_velocity_loss", counted)
+        m.setattr(Calibrator, "_velocity_loss", _counting_velocity_loss(parts, what=len))
         convert(tiny["src"], acc, device="cpu", progress=False, calibration=settings)
     assert "3 of the 4 samples per step fit the GPU at once; the step accumulates them over 2 passes" in (
         capsys.readouterr().out)

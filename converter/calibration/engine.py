@@ -27,8 +27,8 @@
    velocity, and lets blocks trade errors. It holds the whole quantized model
    on the GPU (packed: ~3 GB for FLUX.1-dev, plus one input per block per
    sample for the backward; with learn_codes 16 bytes per ternary weight more,
-   which no single GPU has for FLUX.1-dev, so there it trains the scales and
-   branches only).
+   which no single GPU has for FLUX.1-dev, so there the codes are learned a
+   window of layers at a time: windows.py).
 
 Targets are the teacher's outputs on the teacher's inputs, so each block also
 learns to undo the error that reached its input, rather than to copy the
@@ -438,9 +438,8 @@ class Calibrator:
         bar = Progress(steps, self.show_progress and bar_label is not None, unit="steps", per_unit=1, initial=start)
         shown = float("nan")
         for step in range(start, steps):
-            if windows is not None and windows.current != windows.index(step):
-                lr = self.s.code_lr * lr_mult * (self.s.e2e_window_lr or math.sqrt(len(windows)))
-                windows.enter(windows.index(step), opt, lr)
+            if windows is not None and windows.current != (i := windows.index(step)):
+                windows.enter(i, opt, self.s.code_lr * lr_mult * (self.s.e2e_window_lr or math.sqrt(len(windows))))
             cosine = 0.5 * (1 + math.cos(math.pi * step / steps))  # decay to 0
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * (windows.lr_factor(step) if windows and g.get("codes") else cosine)
@@ -489,11 +488,9 @@ class Calibrator:
         if not saved:
             return 0, 0.0
         t = self.state.load_tensors(E2E_PROGRESS_FILE)
-        same = (
-            t is not None and saved.get("key") == key
-            and {k.rpartition("@")[0] for k in t if not k.endswith("@buffer")} - {""} == set(params)
-            and {k[: -len("@buffer")] for k in t if k.endswith("@buffer")} == set(buffers)
-        )
+        expected = {"@sampler", "@step", "@seconds", *(f"{n}@buffer" for n in buffers),
+                    *(f"{n}@{part}" for n in params for part in ("param", "exp_avg", "exp_avg_sq", "step"))}
+        same = t is not None and saved.get("key") == key and set(t) == expected
         if same:
             pairs = [(t[f"{n}@param"], p) for n, p in params.items()]
             pairs += [(t[f"{n}@buffer"], b) for n, b in buffers.items()]
@@ -572,7 +569,8 @@ class Calibrator:
             if len(windows) > self.s.e2e_steps:
                 print(f"end-to-end stage: the learned codes take {len(windows)} windows, more than the "
                       f"{self.s.e2e_steps} steps; raise --e2e-steps to learn them", flush=True)
-            if not len(windows) or len(windows) > self.s.e2e_steps:
+                windows = None
+            elif not len(windows):
                 windows = None
             else:
                 print(f"end-to-end stage: all learned codes need {all_codes / gib:.1f} GiB, {free / gib:.1f} GiB "

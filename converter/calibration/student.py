@@ -63,6 +63,11 @@ def fake_quant_act(x: Tensor, rounding: str) -> Tensor:
     return x + (q.to(x.dtype) - x).detach()
 
 
+def _rounded(u: Tensor) -> Tensor:
+    """The ternary codes a latent stands for."""
+    return torch.clamp(torch.round(u), -1, 1)
+
+
 def _expand(scale: Tensor, group_size: int, k: int) -> Tensor:
     """Scales [N, G] spread over the K weights of a row; one scale per row stays [N, 1] (broadcast: no
     N x K float32 copy, which for FLUX's largest layer is 264 MB per forward)."""
@@ -124,7 +129,7 @@ class StudentLinear(nn.Module):
         the code it already has (GPTQ's), so training starts from GPTQ's rounding while keeping
         how close each weight sits to a flip."""
         s = _expand(self.scale0, self.group_size, self.in_features)
-        c = integer_codes(self.qw)
+        c = self._frozen_codes(torch.float32)
         u = torch.where(s > 0, w / torch.where(s > 0, s, 1), c)
         return torch.minimum(torch.maximum(u, c - 0.49), c + 0.49)
 
@@ -139,16 +144,19 @@ class StudentLinear(nn.Module):
         """Packs the learned codes into the 2-bit buffer and drops the latent (its memory is freed)."""
         if self.u is None:
             return
-        codes = torch.clamp(torch.round(self.u.detach()), -1, 1)
-        self.qweight.copy_(pack_ternary(codes, self.unit_scale, self.group_size).qweight)
+        self.qweight.copy_(pack_ternary(_rounded(self.u.detach()), self.unit_scale, self.group_size).qweight)
         self.u = None
+
+    def _frozen_codes(self, dtype: torch.dtype) -> Tensor:
+        """The packed codes decoded (integer_codes with the unit scales made once)."""
+        unit = QuantizedWeight(self.fmt, self.qweight, self.unit_scale, self.zero, self._k, self.group_size)
+        return BF.dequantize(unit, dtype)
 
     def weight(self, dtype: torch.dtype) -> Tensor:
         if self.u is None:
-            unit = QuantizedWeight(self.fmt, self.qweight, self.unit_scale, self.zero, self._k, self.group_size)
-            c = BF.dequantize(unit, dtype)
+            c = self._frozen_codes(dtype)
         else:  # straight-through: the forward uses the rounded codes, the gradient flows to u
-            c = (self.u + (torch.clamp(torch.round(self.u), -1, 1) - self.u).detach()).to(dtype)
+            c = (self.u + (_rounded(self.u) - self.u).detach()).to(dtype)
         return c * _expand(self.scale(), self.group_size, self.in_features).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,7 +172,7 @@ class StudentLinear(nn.Module):
         qw = self.qw
         scale = self.scale().detach().float().cpu()
         if self.u is not None:
-            out = pack_ternary(torch.clamp(torch.round(self.u.detach()), -1, 1).cpu(), scale, qw.group_size)
+            out = pack_ternary(_rounded(self.u.detach()).cpu(), scale, qw.group_size)
         else:
             zero = None if qw.zero is None else qw.zero.cpu()
             out = QuantizedWeight(qw.fmt, qw.qweight.cpu(), scale, zero, qw.in_features, qw.group_size)
