@@ -96,6 +96,8 @@ def convert(
     checkpoint, output = os.fspath(checkpoint), os.path.abspath(os.fspath(output))
     if not dry_run:
         _check_output(checkpoint, output, force)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)  # the report's peak covers calibration too
     with open_source(checkpoint) as source:
         arch = detect_architecture(source.shapes())
         calibrated: dict[str, LayerResult] = {}
@@ -131,8 +133,6 @@ def convert(
         remove_stale_partials(output)
         tmp = partial_name(output)
         hasher = BackgroundHasher(source.files)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
         try:
             _write(source, plan, tmp, dev, method, hasher, report, progress, verify_layers, calibrated)
             _publish(tmp, output, force)

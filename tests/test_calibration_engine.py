@@ -1023,3 +1023,17 @@ def test_micro_batches_group_equal_lengths_under_the_cap():
     assert micro_batches(torch.tensor([5, 3, 5, 5, 3]), 10, 20) == [[1, 4], [0, 2], [3]]
     assert micro_batches(torch.tensor([4, 4]), 100, 10) == [[0], [1]]  # one sample over the cap still runs
 
+
+
+def test_free_gpu_memory_counts_torchs_cache_as_free(monkeypatch):
+    """The caching allocator's unused blocks are free to this process (it reuses or releases them before
+    it fails); at FLUX.1-dev's depth under a 16 GiB cap counting them as used skipped every block's codes."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 13 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)
+    cuda = torch.device("cuda", 0)
+    assert engine.free_gpu_bytes(cuda) == 12 * gib  # 2 free on the card + 10 cached, unused
+    assert engine.free_gpu_bytes(cuda, cap_gb=16) == 12 * gib  # 16 cap - 3 in tensors, not 16 - 13
+    assert engine.free_gpu_bytes(cuda, cap_gb=8) == 5 * gib
+    assert engine.free_gpu_bytes(cuda, cap_gb=2) == 0
