@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from typing import Optional
@@ -125,6 +126,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if sys.platform == "linux":
+        # Calibration frees and allocates blocks of many sizes near the GPU's limit: without growable
+        # segments, 2.3 GiB held by torch's cache could not serve 358 MiB at FLUX.1-dev's width under a
+        # 16 GiB cap (H200). Read when CUDA first initialises, so it must be set before that.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     signal.signal(signal.SIGTERM, _on_sigterm)
     tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,
               args.e2e_steps, args.e2e_batch, args.a8_keep)

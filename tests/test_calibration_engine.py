@@ -670,11 +670,13 @@ def test_end_to_end_batch_larger_than_fits_is_accumulated(tiny, tmp_path, monkey
 
 
 def test_blocks_keep_gptq_codes_where_learning_them_does_not_fit(tiny, tmp_path, monkeypatch, capsys):
-    """With no GPU memory to spare, learned codes and the end-to-end stage give way: the file is the one
-    calibrated with frozen codes and no end-to-end stage, and the run says why."""
+    """With GPU memory for the 8 samples' activations and nothing more, learned codes and the end-to-end
+    stage give way: the file is the one calibrated with frozen codes and no end-to-end stage, and the run
+    says why."""
     settings = CalibrationSettings(tiny["cond"], **{**BASE, **E2E, "learn_codes": True, "e2e_steps": 5})
     out = str(tmp_path / "out.safetensors")
-    monkeypatch.setattr(Calibrator, "_free", lambda self: 0)
+    monkeypatch.setattr(Calibrator, "_block_sample_bytes", lambda self, acts: 1)
+    monkeypatch.setattr(Calibrator, "_free", lambda self: 10)  # 8 samples of 1 byte, at 80%
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     said = capsys.readouterr().out
     for block in BLOCKS:
@@ -682,6 +684,32 @@ def test_blocks_keep_gptq_codes_where_learning_them_does_not_fit(tiny, tmp_path,
         assert _record(out)["block_error"][block]["codes"] is False
     assert "end-to-end stage skipped" in said
     _tensors_equal(out, _cal(tiny))
+
+
+@pytest.mark.parametrize("codes", [False, True])
+def test_distillation_steps_take_what_fits_the_gpu(tiny, tmp_path, monkeypatch, codes):
+    """A distillation step holds at most the samples whose activations fit beside the block's learned
+    codes (at FLUX.1-dev's width under a 16 GiB cap a whole micro-batch ran out of memory)."""
+    sizes, loss = [], Calibrator._loss
+    sample = 1 << 20
+    monkeypatch.setattr(Calibrator, "_loss", lambda self, b, idx, *a: sizes.append(len(idx)) or loss(self, b, idx, *a))
+    monkeypatch.setattr(Calibrator, "_block_sample_bytes", lambda self, acts: sample)
+    reserve = []  # the bytes each block's learned codes take (0 without), as asked
+    fits = Calibrator._block_batch_that_fits
+
+    def seeing(self, acts, reserved):
+        reserve.append(reserved)
+        return fits(self, acts, reserved)
+
+    # free: those codes and 2.5 samples
+    monkeypatch.setattr(Calibrator, "_block_batch_that_fits", seeing)
+    monkeypatch.setattr(Calibrator, "_free", lambda self: int(2.5 * sample / 0.8) + reserve[-1])
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "learn_codes": codes, "distill_steps": 5})
+    out = str(tmp_path / "out.safetensors")
+    convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert sizes and max(sizes) == 2  # 8 samples in one micro-batch otherwise
+    assert all(rec["codes"] is codes for rec in _record(out)["block_error"].values())
+    assert (min(reserve) > 0) is codes
 
 
 # ---------------------------------------------------------------------------------------------- 4c. A8 plan

@@ -71,6 +71,11 @@ from .streamed import StreamedFlux, block_layers, block_names, run_block
 from .student import LayerResult, StudentLinear, act_rounding
 from .windows import BYTES_PER_CODE, CodeWindows
 
+# Hidden-sized tensors per token that one block's forward keeps for its backward (attention, MLP, norms,
+# the float32 rotary copies): the activation estimate of both stages. At FLUX.1-dev's width under a
+# 24 GiB cap the end-to-end stage's 3 samples from it peaked at 23.5 GiB reserved (H200).
+BLOCK_ACT_TENSORS = 40
+
 
 @dataclass
 class CalibrationSettings:
@@ -380,23 +385,34 @@ class Calibrator:
             block.set_submodule(path, StudentLinear(qw, bias, res.lora, latent, rounding, self.s.train_bias))
         return block
 
-    def _codes_fit(self, name: str, layers: dict[str, LayerResult]) -> bool:
+    def _block_sample_bytes(self, acts: Acts) -> int:
+        """One sample's activations in a distillation step of one block (forward kept for the backward)."""
+        tokens = acts.img.shape[1] + int(acts.lens.max())
+        return tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * BLOCK_ACT_TENSORS
+
+    def _block_batch_that_fits(self, acts: Acts, reserved: int) -> int:
+        """Samples per distillation step that fit next to the `reserved` bytes the block has yet to take."""
+        return int((self._free() - reserved) * 0.8) // self._block_sample_bytes(acts)
+
+    def _codes_fit(self, name: str, layers: dict[str, LayerResult], acts: Acts) -> bool:
         """Whether learning the block's ternary codes (float32 latent, gradient, two Adam moments: 16 bytes
-        per weight) leaves room for its activations (a quarter of what is free); if not, says so."""
+        per weight) leaves room for one sample's activations; if not, says so."""
         need = _code_bytes(layers)
-        free = self._free()
-        if need <= 0.75 * free:
+        if self._block_batch_that_fits(acts, need) >= 1:
             return True
-        print(f"{name}: learning its ternary codes needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free; "
-              "keeping GPTQ's codes for this block (a GPU with more memory learns them)", flush=True)
+        print(f"{name}: learning its ternary codes needs {need / 2**30:.1f} GiB and "
+              f"{self._block_sample_bytes(acts) / 2**30:.1f} GiB per sample, {self._free() / 2**30:.1f} GiB are "
+              "free; keeping GPTQ's codes for this block (a GPU with more memory learns them)", flush=True)
         return False
 
-    def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool) -> float:
-        """Adam on block `name`'s scales, branches and learned codes; returns its error before training."""
+    def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool, fit: int) -> float:
+        """Adam on block `name`'s scales, branches and learned codes, at most `fit` samples a step (what the
+        GPU holds); returns its error before training."""
         before = self._run(student, xs, yt=yt, last=last)
         batches = self._batches(xs)
-        if self.s.distill_batch:
-            batches = _split(batches, self.s.distill_batch)
+        size = min(self.s.distill_batch or fit, fit, max(map(len, batches)))
+        if size < max(map(len, batches)):
+            batches = _split(batches, max(size, 1))
         self._train(student, self.s.distill_steps, 1.0, batches,
                     lambda idx: _backward(self._loss(student, idx, xs, yt, last)))
         return before
@@ -468,6 +484,7 @@ class Calibrator:
             if resume_key is not None and save and nxt < steps:
                 self._save_progress(resume_key, nxt, before + time.monotonic() - t0, params, opt, gen, buffers)
         bar.close()
+        opt.zero_grad(set_to_none=True)  # the last step's gradients (as large as the latents) go with Adam
         for p in params.values():
             p.requires_grad_(False)
         return before + time.monotonic() - t0
@@ -666,7 +683,8 @@ class Calibrator:
     def _e2e_sample_bytes(self, tokens: int) -> int:
         """One sample's activations in an end-to-end step: one block input per block for the backward
         (checkpointing) and about 40 hidden-sized tensors inside the block being recomputed."""
-        return tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * (len(self.blocks) + 40)
+        esize = torch.finfo(self.dtype).bits // 8
+        return tokens * self.arch.hidden_size * esize * (len(self.blocks) + BLOCK_ACT_TENSORS)
 
     def _e2e_batch_that_fits(self, tokens: int, reserved: int) -> int:
         """Samples per step that fit next to the model and the `reserved` bytes it has yet to take."""
@@ -720,9 +738,10 @@ class Calibrator:
                 self._run(self.student_block(name, fp, layers), xs, xs)  # its errors are in the state
             else:
                 quantized = self.quantize_block(name, fp, xs)
-                codes = self.s.learn_codes and self._codes_fit(name, quantized)
+                codes = self.s.learn_codes and self._codes_fit(name, quantized, xs)
+                fit = self._block_batch_that_fits(xs, _code_bytes(quantized) if codes else 0)
                 student = self.student_block(name, fp, quantized, codes)
-                before = self.distill(name, student, xs, yt, last)
+                before = self.distill(name, student, xs, yt, last, fit)
                 layers = self._export(name, student)
                 # measured on what the file holds (export rounds the branch to bf16)
                 after = self._run(student, xs, xs, yt, last)  # xs <- the student's outputs
