@@ -46,10 +46,11 @@ ENCODER_NAME = "testbed text encoder"
 # prompts and these CalibrationSettings overrides (teacher steps, distillation steps and batch; no end-to-end
 # stage: ~2 s a step on a CPU).
 CPU_PROMPTS = 64
-# On a GPU: more trajectories than the 256 of session 2 generalise better (600 held-out prompts, H200:
-# 69.7% -> 76.2% at 1024, bench/results/calibration_e2e_h200.md); the pools repeat prompts (300 unique),
-# but every prompt gets its own noise, so each trajectory is new.
-GPU_PROMPTS = 1024
+# On a GPU: more trajectories generalise better up to 2048 (600 held-out prompts, H200: 69.7% at 256,
+# 76.2% at 1024, 80.3% at 2048, 79.8-80.5% at 4096 and 8192; bench/results/calibration_e2e_h200.md and
+# calibration_data_h200.md); the pools repeat prompts but every prompt gets its own noise, so each
+# trajectory is new.
+GPU_PROMPTS = 2048
 
 
 def default_prompts(device: torch.device | str) -> int:
