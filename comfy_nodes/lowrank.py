@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("bitflux")
 
@@ -41,11 +40,6 @@ class LowRank:
     def to(self, device: torch.device, dtype: torch.dtype) -> LowRank:
         return LowRank(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype))
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        down, up = self.down, self.up
-        if down.device != x.device or down.dtype != x.dtype:
-            down, up = down.to(x.device, x.dtype, non_blocking=True), up.to(x.device, x.dtype, non_blocking=True)
-        return F.linear(F.linear(x, down), up)
 
 
 def _lora_weights(adapter: Any) -> Optional[tuple]:

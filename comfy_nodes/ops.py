@@ -237,10 +237,9 @@ class PackedLinearMixin:
             bk = bias.to(xk.dtype) if bias is not None else None
             y = bkf.linear(xk, qw, bk, spec.act == "a8").to(x.dtype)
             if patchset is not None and patchset.lowrank.rank:
-                y = y + patchset.lowrank.apply(x)
+                y = bkf.add_lowrank(y, x, patchset.lowrank.down, patchset.lowrank.up)
         if self.lora_down is not None:
-            down, up = _on(self.lora_down, dev).to(x.dtype), _on(self.lora_up, dev).to(x.dtype)
-            y = y + F.linear(F.linear(x, down), up)
+            y = bkf.add_lowrank(y, x, _on(self.lora_down, dev), _on(self.lora_up, dev))
         return y
 
     def extra_repr(self) -> str:

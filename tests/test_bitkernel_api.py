@@ -93,6 +93,36 @@ def test_low_rank_branch_adds_and_removes_exactly(device):
     assert torch.equal(q(x), base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 33, 512])
+def test_add_lowrank_rounds_once_against_float32(device, dtype, m):
+    """y + (x @ down.T) @ up.T with the second product accumulated into y: within half an ulp of the
+    float32 sum of y and the (rounded) first product times up, for 2-D, 3-D and strided y, which is
+    left unchanged."""
+    g = torch.Generator().manual_seed(m)
+    k, n, r = 72, 45, 5
+    x = torch.randn(m, k, generator=g).to(device, dtype)
+    down = (torch.randn(r, k, generator=g) * 0.2).to(device, dtype)
+    up = (torch.randn(n, r, generator=g) * 0.2).to(device, dtype)
+    y = torch.randn(m, n, generator=g).to(device, dtype)
+    y0 = y.clone()
+    t = (x.float() @ down.float().T).to(dtype).float()
+    ref = y.float() + t @ up.float().T
+    eps = torch.finfo(dtype).eps
+    out = F.add_lowrank(y, x, down, up)
+    torch.testing.assert_close(out.float(), ref, rtol=eps, atol=eps * 1e-2)
+    out3 = F.add_lowrank(y.reshape(1, m, n), x.reshape(1, m, k), down, up)
+    assert out3.shape == (1, m, n)
+    torch.testing.assert_close(out3.reshape(m, n), out, rtol=0, atol=0)
+    ys = torch.zeros(m, 2 * n, device=device, dtype=dtype)[:, ::2].copy_(y)  # same values, every other column
+    out_s = F.add_lowrank(ys, x, down, up)
+    torch.testing.assert_close(out_s, out, rtol=0, atol=0)
+    # float32 branch weights (ComfyUI keeps user LoRAs in float32) are used in y's dtype; rank 0 is a no-op
+    torch.testing.assert_close(F.add_lowrank(y, x, down.float(), up.float()), out, rtol=0, atol=0)
+    assert torch.equal(F.add_lowrank(y, x, down[:0], up[:, :0]), y)
+    assert torch.equal(y, y0) and torch.equal(ys, y0)  # inputs left alone
+
+
 def test_bad_input_messages():
     qw = F.quantize(torch.randn(8, 64), "ternary")
     with pytest.raises(TypeError, match="must be"):

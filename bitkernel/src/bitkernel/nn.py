@@ -144,9 +144,7 @@ class QuantLinear(nn.Module):
             bias = bias.to(x.dtype)
         y = F.linear(x, self.quantized, bias, self.act_int8)
         if self.lora_down is not None:
-            y = y + torch.nn.functional.linear(
-                torch.nn.functional.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype)
-            )
+            y = F.add_lowrank(y, x, self.lora_down, self.lora_up)
         return y
 
     def extra_repr(self) -> str:
