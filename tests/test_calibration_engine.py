@@ -687,7 +687,7 @@ def test_blocks_keep_gptq_codes_where_learning_them_does_not_fit(tiny, tmp_path,
 
 
 @pytest.mark.parametrize("codes", [False, True])
-def test_distillation_steps_take_what_fits_the_gpu(tiny, tmp_path, monkeypatch, codes):
+def test_distillation_steps_take_what_fits_the_gpu(tiny, tmp_path, monkeypatch, capsys, codes):
     """A distillation step holds at most the samples whose activations fit beside the block's learned
     codes (at FLUX.1-dev's width under a 16 GiB cap a whole micro-batch ran out of memory)."""
     sizes, loss = [], Calibrator._loss
@@ -708,6 +708,7 @@ def test_distillation_steps_take_what_fits_the_gpu(tiny, tmp_path, monkeypatch, 
     out = str(tmp_path / "out.safetensors")
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
     assert sizes and max(sizes) == 2  # 8 samples in one micro-batch otherwise
+    assert "double_blocks.0: 2 samples per distillation step fit the GPU (of 8 otherwise)" in capsys.readouterr().out
     assert all(rec["codes"] is codes for rec in _record(out)["block_error"].values())
     assert (min(reserve) > 0) is codes
 

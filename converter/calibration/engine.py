@@ -410,9 +410,12 @@ class Calibrator:
         GPU holds); returns its error before training."""
         before = self._run(student, xs, yt=yt, last=last)
         batches = self._batches(xs)
-        size = min(self.s.distill_batch or fit, fit, max(map(len, batches)))
-        if size < max(map(len, batches)):
-            batches = _split(batches, max(size, 1))
+        most = max(map(len, batches))
+        size = max(1, min(self.s.distill_batch or most, fit, most))
+        if fit < min(self.s.distill_batch or most, most):
+            print(f"{name}: {size} samples per distillation step fit the GPU (of {most} otherwise)", flush=True)
+        if size < most:
+            batches = _split(batches, size)
         self._train(student, self.s.distill_steps, 1.0, batches,
                     lambda idx: _backward(self._loss(student, idx, xs, yt, last)))
         return before
