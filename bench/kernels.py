@@ -10,7 +10,9 @@ above 1 is faster than torch bf16 (cuBLAS).
 On sm_89+ W1.58A8 with M > 16 runs as FP8 (BITKERNEL_FP8=0 measures the int8
 kernel instead); the "fp8 cuBLAS" column is its ceiling: torch._scaled_mm alone
 on operands already in e4m3 (row-wise scales, bf16 out), without the per-call
-activation quantization and weight expansion.
+activation quantization and weight expansion. "W1.58A16 expansion" is the
+2-bit to bf16 expansion alone that W1.58A16 runs before cuBLAS above M = 16, as
+a share of the bf16 time.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ VARIANTS = [
     ("W1.58A8", "ternary", 0, True),
 ]
 FP8_CEILING = "fp8 cuBLAS"
+# Above the small-M kernels W1.58A16 expands the weights to bf16 for cuBLAS: the expansion alone, to show
+# how much of the gap to bf16 it is.
+DECODE = "W1.58A16 expansion"
 CALLS_PER_GRAPH = 20
 L2_FLUSH_BYTES = 256 << 20
 
@@ -96,6 +101,11 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
         res[name] = time_graph([lambda q=q_, a=a8: F.linear(x, q, None, a) for q_ in qws])
         if name == "W1.58A8":
             res[FP8_CEILING] = fp8_ceiling(x, qw)
+        if name == "W1.58A16":
+            res[DECODE] = (
+                time_graph([lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]) if m > F.SMALL_M
+                else float("nan")
+            )
         del qws
     del ws
     torch.cuda.empty_cache()
@@ -124,8 +134,10 @@ def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> float:
         return float("nan")
 
 
-def cell(t: float, base: float) -> str:
-    return "n/a" if t != t else f"{t:.4f} ({base / t:.2f}x)"
+def cell(t: float, base: float, share: bool = False) -> str:
+    if t != t:
+        return "n/a"
+    return f"{t:.4f} ({100 * t / base:.1f}% of bf16)" if share else f"{t:.4f} ({base / t:.2f}x)"
 
 
 def main() -> None:
@@ -144,12 +156,13 @@ def main() -> None:
         f"(archs {info['cuda_archs']}) | W1.58A8 FP8 path {'on' if F.FP8 else 'off'}\n\n"
     )
     names = [v[0] for v in variants] + ([FP8_CEILING] if "W1.58A8" in args.formats else [])
+    names += [DECODE] if "W1.58A16" in args.formats else []
     cols = ["bf16 ms"] + [f"{name} ms (x)" for name in names]
     lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for label, n, k in SHAPES:
         for m in args.m:
             r = bench_shape(n, k, m, variants)
-            cells = [f"{r['bf16']:.4f}"] + [cell(r[name], r["bf16"]) for name in names]
+            cells = [f"{r['bf16']:.4f}"] + [cell(r[name], r["bf16"], name == DECODE) for name in names]
             lines.append(f"| {label} ({n}x{k}) | {m} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     table = head + "\n".join(lines) + "\n"
