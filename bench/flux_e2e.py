@@ -1,5 +1,6 @@
 """Full-size FLUX.1-dev transformer, random weights, one denoising step at 1024x1024, batch 1, through the
-model code users run: BFL layout, diffusers, ComfyUI; bf16, W1.58A16 and W1.58A8; eager and compiled.
+model code users run: BFL layout, diffusers, ComfyUI; bf16, W1.58A16 and W1.58A8, the latter two also with a
+rank-16 low-rank branch (+r16); eager and compiled.
 
 Device machine (H200), one call of at most 10 minutes, carry [".whl", ".comfyui"] (the .whl folder is
 diffusers 0.42.1 with its requirements; pip takes only what the machine lacks, else all into /tmp/site):
@@ -11,7 +12,7 @@ diffusers 0.42.1 with its requirements; pip takes only what the machine lacks, e
     PYTHONUNBUFFERED=1 python3 bench/flux_e2e.py --modes eager compiled --out $OUT/flux_e2e.md \\
     --json $OUT/flux_e2e.json 2>&1 | tee $OUT/flux_e2e.log
 
-    python bench/flux_e2e.py [--path bfl diffusers comfy] [--variants bf16 w158a16 w158a8]
+    python bench/flux_e2e.py [--path bfl diffusers comfy] [--variants bf16 w158a16 w158a16+r16 w158a8 w158a8+r16]
                              [--modes eager compiled | --compile] [--steps 10] [--budget-s 420] [--tiny]
 
 One weight source for every path: FLUX.1-dev's tensors in BFL keys, random (seeded; weights and biases
@@ -19,25 +20,31 @@ N(0, 0.02), q/k norm scales N(1, 0.1)), made on the GPU one module group (an emb
 time. For W1.58 every block linear is packed right away as a converted file stores it (ternary codes +
 float32 row scales, docs/FORMAT.md) with the layer spec's `act` "a16" or "a8" (W1.58A8: activations
 quantized to 8 bits inside bitkernel's op, FP8 e4m3 on sm_89+), so the quantized variants never hold
-the dense model. Each path loads those tensors the way it loads a converted file:
+the dense model. The +r16 variants give every ternary layer `lora_rank` 16 and the low-rank branch a
+converted file stores for it (docs/FORMAT.md; the calibrated converter's quality-recovery branch):
+`<layer>.lora_down` [16, in] and `<layer>.lora_up` [out, 16], N(0, 0.02) from a generator of their own,
+so every other tensor equals the variant's without the branch. Each path loads those tensors the way it
+loads a converted file:
 
 - bfl: converter/flux_model.py (BFL's model code), block linears from converter.fileformat.install_layers
-  (bitkernel.nn.TernaryLinear, act_int8 for a8; nn.Linear for bf16);
+  (bitkernel.nn.TernaryLinear, act_int8 for a8, the branch through set_lora; nn.Linear for bf16);
 - diffusers: diffusers' FluxTransformer2DModel built on the meta device and filled group by group by
   converter.diffusers_model.install_tensors (BFL's fused qkv / linear1 split by rows into to_q / to_k /
-  to_v (/ proj_mlp), as load_diffusers_transformer does for a file); called as FluxPipeline calls it;
+  to_v (/ proj_mlp), lora_up with them and lora_down shared (each of them computes x @ lora_down.T), as
+  load_diffusers_transformer does for a file); called as FluxPipeline calls it;
 - comfy (only when COMFYUI_DIR is set): ComfyUI's own Flux (comfy.model_base.Flux around
   comfy.ldm.flux.model.Flux) configured by the node pack (comfy_nodes.loader) with its operations
-  (comfy_nodes.ops: packed layers, a8 from the layer spec) for W1.58 and ComfyUI's stock operations for
-  bf16; called as ComfyUI's sampler calls it: BaseModel.apply_model(latent, sigma, c_crossattn=context,
-  y=pooled, guidance=guidance).
+  (comfy_nodes.ops: packed layers, a8 from the layer spec, the branch from the lora tensors) for W1.58
+  and ComfyUI's stock operations for bf16; called as ComfyUI's sampler calls it:
+  BaseModel.apply_model(latent, sigma, c_crossattn=context, y=pooled, guidance=guidance).
 
 Measured per (mode, path, variant), all eager runs first, then all compiled ones (ComfyUI is imported
 at its first run, after the other paths' eager runs): ms per step (median of CUDA-event timings of
 --steps calls after 2 warm-up calls), resident weights (allocated after building minus before) and peak
 VRAM (max allocated over the timed calls minus the allocation before building; peak stats reset after
 the warm-up). Between variants the model is freed, dynamo reset and the cache emptied. Ratios are
-against bf16 of the same path and mode. `compiled`: torch.compile (inductor, mode "default") applied to
+against bf16 of the same path and mode; a +r16 variant is also compared with the same variant without
+the branch (what the branch costs). `compiled`: torch.compile (inductor, mode "default") applied to
 each transformer block (regional compilation, as diffusers' compile_repeated_blocks: the blocks are
 nearly all of the time, and the compile takes seconds instead of minutes), the same for bf16 and ours;
 graph breaks and dynamo warnings go into the notes, never fail the run. --budget-s starts nothing after
@@ -45,8 +52,8 @@ that many seconds, and --out / --json are rewritten after every variant, so a ti
 partial table.
 
 Every path gets the same inputs and weights, so their outputs must agree to rounding: the report gives
-max |out - out_bfl| / max |out_bfl| per variant, and what each quantization step changes. --tiny runs
-a small FLUX (hidden 256, 2 + 3 blocks, 16 image + 8 text tokens) on the CPU, for
+max |out - out_bfl| / max |out_bfl| per variant, and what each quantization step and the branch change.
+--tiny runs a small FLUX (hidden 256, 2 + 3 blocks, 16 image + 8 text tokens) on the CPU, for
 tests/test_bench_flux_e2e.py. Random weights say nothing about quality; time and memory do not depend
 on the values.
 """
@@ -85,7 +92,17 @@ from converter.flux_model import Flux, FluxConfig, make_img_ids, make_txt_ids, p
 
 GIB = 2**30
 PATHS = ("bfl", "diffusers", "comfy")
-VARIANTS = {"bf16": None, "w158a16": "a16", "w158a8": "a8"}  # value: the `act` of the ternary block layers
+# variant -> the layer spec of every block linear: dense bf16, or ternary with its activation precision and
+# the rank of its low-rank branch (0: none)
+VARIANTS = {
+    "bf16": LayerSpec("bf16"),
+    "w158a16": LayerSpec("ternary", act="a16"),
+    "w158a16+r16": LayerSpec("ternary", act="a16", lora_rank=16),
+    "w158a8": LayerSpec("ternary", act="a8"),
+    "w158a8+r16": LayerSpec("ternary", act="a8", lora_rank=16),
+}
+# variant -> the variant it differs from by one step: ternary weights, 8-bit activations, the low-rank branch
+STEPS = {"w158a16": "bf16", "w158a8": "w158a16", "w158a16+r16": "w158a16", "w158a8+r16": "w158a8"}
 MODES = ("eager", "compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # FLUX.1-dev's layout at the testbed's width, for the CPU mode the tests run
@@ -109,9 +126,7 @@ def log(msg: str) -> None:
 
 def layer_specs(arch: Architecture, variant: str) -> dict[str, LayerSpec]:
     """The `layers` metadata a converted file of this variant has: every block linear, one format."""
-    act = VARIANTS[variant]
-    spec = LayerSpec("bf16") if act is None else LayerSpec("ternary", act=act)
-    return {name: spec for name in block_linears(arch)}
+    return {name: VARIANTS[variant] for name in block_linears(arch)}
 
 
 def _group(key: str) -> str:
@@ -124,10 +139,14 @@ def weight_groups(
 ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(group, tensors) for each module group (an embedder, a block, the final layer) in model order:
     random tensors in BFL keys on `device`, the same values for every path and variant; the layers in
-    `specs` that are quantized come packed (qweight, float32 scale, bias), as a converted file has them."""
+    `specs` that are quantized come packed (qweight, float32 scale, bias), with their low-rank branch
+    (lora_down [r, in], lora_up [out, r]) where the spec has a lora_rank, as a converted file has them."""
     import bitkernel.functional as bkf
 
     gen = torch.Generator(device=device).manual_seed(seed)
+    # The branches draw from a generator of their own: the other tensors stay those of the variant without
+    # them, so comparing the two measures the branch alone.
+    lora_gen = torch.Generator(device=device).manual_seed(seed + 2)  # seed + 1 is make_inputs'
     shapes = expected_shapes(arch)
     for group, keys in itertools.groupby(shapes, key=_group):
         tensors: dict[str, torch.Tensor] = {}
@@ -145,6 +164,11 @@ def weight_groups(
             qw = bkf.quantize(w, spec.format, spec.group_size, spec.symmetric)
             del tensors[f"{prefix}.weight"]
             tensors[f"{prefix}.qweight"], tensors[f"{prefix}.scale"] = qw.qweight, qw.scale
+            if spec.lora_rank:
+                r, (out_f, in_f) = spec.lora_rank, w.shape
+                for name, shape in (("lora_down", (r, in_f)), ("lora_up", (out_f, r))):
+                    t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=lora_gen)
+                    tensors[f"{prefix}.{name}"] = t
         yield group, tensors
 
 
@@ -300,7 +324,7 @@ def build_comfy(arch: Architecture, variant: str, x: Inputs, device: torch.devic
     c = import_comfy(device)
     loader = c["loader"]
     specs = layer_specs(arch, variant)
-    quantized = VARIANTS[variant] is not None
+    quantized = VARIANTS[variant].quantized
     header = c["header"](architecture=arch.to_dict(), layers=specs if quantized else {})
     name = {v: k for k, v in DTYPES.items()}[dtype]
     # The loader node's model with its compute_dtype option set (the default picks bf16 on an H200); bf16
@@ -382,6 +406,15 @@ _DYNAMO_WARNINGS = _DynamoWarnings()
 logging.getLogger("torch._dynamo").addHandler(_DYNAMO_WARNINGS)
 
 
+def _check_branches(path: str, variant: str, arch: Architecture, model: nn.Module) -> None:
+    """A +r16 row must time the branch: every ternary layer of the model code holds it (bitkernel.nn's
+    QuantLinear and comfy_nodes' packed Linear both as `lora_down`)."""
+    want = sum(1 for s in layer_specs(arch, variant).values() if s.lora_rank)
+    have = sum(isinstance(getattr(m, "lora_down", None), torch.Tensor) for m in model.modules())
+    if have < want:  # more is right for diffusers, which splits a fused layer (and its branch) into several
+        raise RuntimeError(f"{path} {variant}: {have} layers carry the low-rank branch, the variant has {want}")
+
+
 def run_variant(
     path: str, variant: str, mode: str, arch: Architecture, x: Inputs, steps: int, device: torch.device,
     dtype: torch.dtype,
@@ -397,6 +430,7 @@ def run_variant(
     try:
         t0 = time.perf_counter()
         built = BUILDERS[path](arch, variant, x, device, dtype)
+        _check_branches(path, variant, arch, built.model)
         _sync(device)
         row["build_s"] = time.perf_counter() - t0
         row["weights_gib"] = (torch.cuda.memory_allocated(device) - base) / GIB if cuda else None
@@ -466,13 +500,13 @@ def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
 def agreement(outputs: dict[tuple[str, str, str], torch.Tensor]) -> list[dict[str, Any]]:
     """max |out - ref| / max |ref| between paths (reference bfl, else the first path) per mode and
     variant, between eager and compiled per path and variant, and (mode "variants") between the
-    variants of one path: W1.58A16 against bf16, W1.58A8 against W1.58A16 (what each step changes)."""
+    variants of one path: W1.58A16 against bf16, W1.58A8 against W1.58A16, +r16 against the same variant
+    without the branch (what each step changes)."""
     out = []
-    steps = {"w158a16": "bf16", "w158a8": "w158a16"}
     for (mode, path, variant), t in outputs.items():
-        base = outputs.get((mode, path, steps.get(variant, "")))
+        base = outputs.get((mode, path, STEPS.get(variant, "")))
         if base is not None:
-            out.append({"mode": f"variants ({mode})", "variant": variant, "path": path, "ref": steps[variant],
+            out.append({"mode": f"variants ({mode})", "variant": variant, "path": path, "ref": STEPS[variant],
                         "rel": _relative(t, base)})
         refs = [p for (m, p, v) in outputs if m == mode and v == variant]
         if refs and refs[0] != path:
@@ -490,6 +524,24 @@ def agreement(outputs: dict[tuple[str, str, str], torch.Tensor]) -> list[dict[st
 
 def _f(v: Optional[float], fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
+
+
+def _measured(rows: list[dict[str, Any]], path: str, variant: str) -> Optional[dict[str, Any]]:
+    return next((r for r in rows if r["path"] == path and r["variant"] == variant and "ms" in r), None)
+
+
+def _branch_cost(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """What a +r16 row adds to the same variant without the branch: ms per step and peak VRAM."""
+    if not VARIANTS[r["variant"]].lora_rank:
+        return ""
+    ref = _measured(rows, r["path"], STEPS[r["variant"]])
+    if ref is None:
+        return "-"
+    ms = r["ms"] - ref["ms"]
+    cost = f"{ms:+.1f} ms ({ms / ref['ms']:+.1%})"
+    if r.get("peak_gib") is not None and ref.get("peak_gib") is not None:
+        cost += f", peak {r['peak_gib'] - ref['peak_gib']:+.2f} GiB"
+    return cost
 
 
 def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]],
@@ -515,6 +567,10 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, 
         "Paths: " + "; ".join(f"**{p}**: {PATH_CODE[p]}" for p in PATHS) + ". Ratios against bf16 of the same "
         "path and mode (speed: bf16 ms / ms; peak: peak / bf16 peak).",
     ]
+    if any(VARIANTS[v].lora_rank for v in args.variants):
+        out += ["", f"+r16: every ternary layer also runs a rank-16 low-rank branch (lora_down, lora_up in "
+                f"{args.dtype}, as a converted file stores it in bf16); branch cost: the row minus the same variant "
+                "without the branch (same path and mode)."]
     for mode in args.modes:
         mrows = [r for r in rows if r["mode"] == mode]
         if not mrows:
@@ -525,18 +581,21 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, 
             else "compiled: torch.compile (inductor, mode default) of every transformer block, bf16 and W1.58 alike"
         )
         out += ["", f"## {how}", ""]
+        branch = any(VARIANTS[r["variant"]].lora_rank for r in mrows)
         head = ["path", "variant", "ms / step", "speed vs bf16", "weights GiB", "peak VRAM GiB", "peak vs bf16",
-                "first call s"]
+                "first call s"] + (["branch cost"] if branch else [])
         table = []
         for r in mrows:
             if "error" in r:
-                table.append([r["path"], r["variant"], "failed", "", "", "", "", r["error"][:100].replace("|", "/")])
+                table.append([r["path"], r["variant"], "failed", "", "", "", "", r["error"][:100].replace("|", "/")]
+                             + ([""] if branch else []))
                 continue
-            ref = next((b for b in mrows if b["path"] == r["path"] and b["variant"] == "bf16" and "ms" in b), None)
+            ref = _measured(mrows, r["path"], "bf16")
             speed = f"{ref['ms'] / r['ms']:.2f}x" if ref else "-"
             peak = f"{r['peak_gib'] / ref['peak_gib']:.2f}x" if ref and ref.get("peak_gib") else "-"
             table.append([r["path"], r["variant"], f"{r['ms']:.1f}", speed, _f(r.get("weights_gib")),
-                          _f(r.get("peak_gib")), peak, _f(r.get("first_s"), "{:.1f}")])
+                          _f(r.get("peak_gib")), peak, _f(r.get("first_s"), "{:.1f}")]
+                         + ([_branch_cost(r, mrows)] if branch else []))
         out.append(markdown_table(head, table))
     if diffs:
         out += [
@@ -553,7 +612,8 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, 
             out.append(f"- {d['mode']} {d['variant']}: {d['path']} vs {d['ref']}: {d['rel']:.2e}")
         effect = [d for d in diffs if d["mode"].startswith("variants")]
         if effect:
-            out += ["", "What quantization changes (same measure, within a path):", ""]
+            out += ["", "What each step changes (same measure, within a path: ternary weights, 8-bit activations, "
+                    "the low-rank branch):", ""]
         for d in effect:
             out.append(f"- {d['mode']} {d['path']}: {d['variant']} vs {d['ref']}: {d['rel']:.2e}")
     all_notes = list(dict.fromkeys([n for r in rows for n in r.get("notes", [])] + notes))
