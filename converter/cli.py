@@ -126,10 +126,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if sys.platform == "linux":
+    if sys.platform == "linux" and not ({"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & os.environ.keys()):
         # Calibration frees and allocates blocks of many sizes near the GPU's limit: without growable
         # segments, 2.3 GiB held by torch's cache could not serve 358 MiB at FLUX.1-dev's width under a
-        # 16 GiB cap (H200). Read when CUDA first initialises, so it must be set before that.
+        # 16 GiB cap (H200). Read when CUDA first initialises, so it must be set before that; a user's own
+        # allocator settings (either name torch reads) are left alone.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     signal.signal(signal.SIGTERM, _on_sigterm)
     tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,

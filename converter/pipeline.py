@@ -96,7 +96,7 @@ def convert(
     checkpoint, output = os.fspath(checkpoint), os.path.abspath(os.fspath(output))
     if not dry_run:
         _check_output(checkpoint, output, force)
-    if dev.type == "cuda":
+    if dev.type == "cuda" and not dry_run:
         torch.cuda.reset_peak_memory_stats(dev)  # the report's peak covers calibration too
     with open_source(checkpoint) as source:
         arch = detect_architecture(source.shapes())

@@ -120,6 +120,10 @@ def test_add_lowrank_rounds_once_against_float32(device, dtype, m):
     # float32 branch weights (ComfyUI keeps user LoRAs in float32) are used in y's dtype; rank 0 is a no-op
     torch.testing.assert_close(F.add_lowrank(y, x, down.float(), up.float()), out, rtol=0, atol=0)
     assert torch.equal(F.add_lowrank(y, x, down[:0], up[:, :0]), y)
+    with pytest.raises(ValueError, match="down must be"):
+        F.add_lowrank(y, x, down[:, 1:], up)
+    with pytest.raises(ValueError, match="down must be"):
+        F.add_lowrank(y, x, down[:3], up)
     assert torch.equal(y, y0) and torch.equal(ys, y0)  # inputs left alone
 
 

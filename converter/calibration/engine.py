@@ -394,28 +394,35 @@ class Calibrator:
         """Samples per distillation step that fit next to the `reserved` bytes the block has yet to take."""
         return int((self._free() - reserved) * 0.8) // self._block_sample_bytes(acts)
 
-    def _codes_fit(self, name: str, layers: dict[str, LayerResult], acts: Acts) -> bool:
+    def _codes_fit(self, name: str, layers: dict[str, LayerResult], acts: Acts, reserved: int) -> bool:
         """Whether learning the block's ternary codes (float32 latent, gradient, two Adam moments: 16 bytes
-        per weight) leaves room for one sample's activations; if not, says so."""
+        per weight) beside the `reserved` bytes leaves room for one sample's activations; if not, says so."""
         need = _code_bytes(layers)
-        if self._block_batch_that_fits(acts, need) >= 1:
+        if self._block_batch_that_fits(acts, reserved + need) >= 1:
             return True
         print(f"{name}: learning its ternary codes needs {need / 2**30:.1f} GiB and "
               f"{self._block_sample_bytes(acts) / 2**30:.1f} GiB per sample, {self._free() / 2**30:.1f} GiB are "
               "free; keeping GPTQ's codes for this block (a GPU with more memory learns them)", flush=True)
         return False
 
-    def distill(self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool, fit: int) -> float:
-        """Adam on block `name`'s scales, branches and learned codes, at most `fit` samples a step (what the
-        GPU holds); returns its error before training."""
-        before = self._run(student, xs, yt=yt, last=last)
-        batches = self._batches(xs)
+    def _distill_batches(self, name: str, acts: Acts, fit: int) -> list[list[int]]:
+        """The micro-batches a distillation step draws from: at most distill_batch samples and at most
+        `fit`, what the GPU holds (said where that cuts them)."""
+        batches = self._batches(acts)
         most = max(map(len, batches))
-        size = max(1, min(self.s.distill_batch or most, fit, most))
-        if fit < min(self.s.distill_batch or most, most):
-            print(f"{name}: {size} samples per distillation step fit the GPU (of {most} otherwise)", flush=True)
-        if size < most:
-            batches = _split(batches, size)
+        want = min(self.s.distill_batch or most, most)
+        if fit < want:
+            print(f"{name}: {max(fit, 0)} of {want} samples per distillation step fit the GPU by the estimate; "
+                  f"taking {max(fit, 1)}", flush=True)
+        size = max(1, min(want, fit))
+        return _split(batches, size) if size < most else batches
+
+    def distill(
+        self, name: str, student: nn.Module, xs: Acts, yt: Acts, last: bool, batches: list[list[int]]
+    ) -> float:
+        """Adam on block `name`'s scales, branches and learned codes, a step on one of `batches`; returns
+        its error before training."""
+        before = self._run(student, xs, yt=yt, last=last)
         self._train(student, self.s.distill_steps, 1.0, batches,
                     lambda idx: _backward(self._loss(student, idx, xs, yt, last)))
         return before
@@ -670,12 +677,7 @@ class Calibrator:
             total += qw.qweight.numel() + 5 * qw.scale.numel() * 4  # scale, log-scale, grad, 2 moments
             if r.lora is not None:
                 total += 16 * r.lora[0].shape[0] * (qw.out_features + qw.in_features)
-        largest = max((r.qw.out_features * r.qw.in_features for r in results.values()), default=0)
-        largest_block = max(
-            (sum(r.qw.out_features * r.qw.in_features for r in _of_block(results, b).values()) for b in self.blocks),
-            default=0,
-        )
-        total += 4 * largest_block + 8 * largest
+        total += max((_backward_weight_bytes(_of_block(results, b)) for b in self.blocks), default=0)
         shapes = self.source.shapes()
         esize = torch.finfo(self.dtype).bits // 8
         for key, shape in shapes.items():
@@ -741,14 +743,17 @@ class Calibrator:
                 self._run(self.student_block(name, fp, layers), xs, xs)  # its errors are in the state
             else:
                 quantized = self.quantize_block(name, fp, xs)
-                codes = self.s.learn_codes and self._codes_fit(name, quantized, xs)
-                fit = self._block_batch_that_fits(xs, _code_bytes(quantized) if codes else 0)
+                weights = _backward_weight_bytes(quantized)
+                codes = self.s.learn_codes and self._codes_fit(name, quantized, xs, weights)
+                fit = self._block_batch_that_fits(xs, weights + (_code_bytes(quantized) if codes else 0))
+                batches = self._distill_batches(name, xs, fit)
                 student = self.student_block(name, fp, quantized, codes)
-                before = self.distill(name, student, xs, yt, last, fit)
+                before = self.distill(name, student, xs, yt, last, batches)
                 layers = self._export(name, student)
                 # measured on what the file holds (export rounds the branch to bf16)
                 after = self._run(student, xs, xs, yt, last)  # xs <- the student's outputs
-                errors[name] = {"before": before, "after": after, "codes": codes}
+                errors[name] = {"before": before, "after": after, "codes": codes,
+                                "samples_per_step": max(map(len, batches))}
                 self.state.finish_block(name, _block_tensors(layers), time.monotonic() - t0)
             results.update(layers)
             xt = yt
@@ -838,6 +843,14 @@ def _mean(losses: list[Tensor]) -> float:
 def _code_bytes(layers: dict[str, LayerResult]) -> int:
     """GPU bytes for learning the ternary codes: float32 latent, gradient and two Adam moments per weight."""
     return BYTES_PER_CODE * sum(r.qw.out_features * r.qw.in_features for r in layers.values() if r.qw.fmt == "ternary")
+
+
+def _backward_weight_bytes(layers: dict[str, LayerResult]) -> int:
+    """GPU bytes a block's quantized layers take while its backward runs: their decoded codes and
+    weights (2 + 2 bytes a weight, kept for the backward) and the largest layer's float32 weight gradient
+    or straight-through temporaries (8 bytes a weight at most)."""
+    sizes = [r.qw.out_features * r.qw.in_features for r in layers.values()]
+    return 4 * sum(sizes) + 8 * max(sizes, default=0)
 
 
 def _of_block(results: dict[str, LayerResult], name: str) -> dict[str, LayerResult]:

@@ -477,20 +477,24 @@ def linear(
 def add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """y + (x @ down.T) @ up.T: a quantized linear's low-rank side branch (quality adapters, user LoRAs).
 
-    y [..., N] is a linear's output for x [..., K], down [R, K], up [N, R], all of y's dtype and device
-    (down and up are converted if not). The second product accumulates onto y in one GEMM (beta = 1):
-    [M, N] is read and written once, where a separate product and sum pass over it three times (the
-    branch's whole cost at large M), and the sum is rounded once instead of twice. A new tensor: y may
-    be a view autograd forbids changing in place (ComfyUI's low-VRAM path makes such views).
+    y [..., N] is a linear's output for x [..., K], down [R, K], up [N, R], computed in y's dtype on y's
+    device (x, down and up are converted if not). The second product accumulates onto y in one GEMM
+    (beta = 1): [M, N] is read and written once, where a separate product and sum pass over it three
+    times (the branch's whole cost at large M), and the sum is rounded once instead of twice. A new
+    tensor: y may be a view autograd forbids changing in place (ComfyUI's low-VRAM path makes such views).
     """
     n, r = up.shape
-    if x.dtype != y.dtype:
-        x = x.to(y.dtype)
-    if down.device != y.device or down.dtype != y.dtype:
-        down = down.to(y.device, y.dtype, non_blocking=True)
-    if up.device != y.device or up.dtype != y.dtype:
-        up = up.to(y.device, y.dtype, non_blocking=True)
+    if down.dim() != 2 or down.shape != (r, x.shape[-1]) or n != y.shape[-1]:
+        raise ValueError(
+            f"low-rank branch down {tuple(down.shape)} / up {tuple(up.shape)} does not fit x [..., {x.shape[-1]}] "
+            f"-> y [..., {y.shape[-1]}]: down must be [R, K] and up [N, R]"
+        )
     if r == 0:
-        return y
-    t = torch.nn.functional.linear(x, down).reshape(-1, r)
-    return torch.addmm(y.reshape(-1, n), t, up.t()).reshape(y.shape)
+        return y.clone()
+
+    def on_y(t: torch.Tensor) -> torch.Tensor:
+        # non_blocking only towards a GPU: a copy to the CPU must be complete before it is read
+        return t.to(y.device, y.dtype, non_blocking=y.device.type == "cuda")
+
+    t = torch.nn.functional.linear(on_y(x), on_y(down)).reshape(-1, r)
+    return torch.addmm(y.reshape(-1, n), t, on_y(up).t()).reshape(y.shape)
