@@ -127,11 +127,11 @@ def generate(layout: str, path: str, scale: float, sparse: bool) -> dict[str, An
     start = time.monotonic()
     arch = architecture(scale)
     shapes = expected_shapes(arch)
-    weights = None if sparse else RandomWeights()
 
     if layout == "bfl":
         write_bfl(path, arch, sparse)
     else:
+        weights = None if sparse else RandomWeights()
         os.makedirs(path, exist_ok=True)
         parts = diffusers_tensors(arch)
         by_name = {p[0]: p for p in parts}

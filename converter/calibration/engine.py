@@ -75,6 +75,9 @@ from .windows import BYTES_PER_CODE, CodeWindows
 # the float32 rotary copies): the activation estimate of both stages. At FLUX.1-dev's width under a
 # 24 GiB cap the end-to-end stage's 3 samples from it peaked at 23.5 GiB reserved (H200).
 BLOCK_ACT_TENSORS = 40
+# The share of the free GPU memory the activation estimates may fill (the rest: what they leave out,
+# fragmentation).
+ACT_SHARE = 0.8
 
 
 @dataclass
@@ -385,14 +388,21 @@ class Calibrator:
             block.set_submodule(path, StudentLinear(qw, bias, res.lora, latent, rounding, self.s.train_bias))
         return block
 
+    def _hidden_bytes(self, tokens: int) -> int:
+        """One hidden-sized tensor of a sample with `tokens` tokens."""
+        return tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8)
+
+    def _samples_that_fit(self, sample_bytes: int, reserved: int) -> int:
+        """Samples of `sample_bytes` activations that fit next to the `reserved` bytes yet to be taken."""
+        return int((self._free() - reserved) * ACT_SHARE) // sample_bytes
+
     def _block_sample_bytes(self, acts: Acts) -> int:
         """One sample's activations in a distillation step of one block (forward kept for the backward)."""
-        tokens = acts.img.shape[1] + int(acts.lens.max())
-        return tokens * self.arch.hidden_size * (torch.finfo(self.dtype).bits // 8) * BLOCK_ACT_TENSORS
+        return self._hidden_bytes(acts.img.shape[1] + int(acts.lens.max())) * BLOCK_ACT_TENSORS
 
     def _block_batch_that_fits(self, acts: Acts, reserved: int) -> int:
         """Samples per distillation step that fit next to the `reserved` bytes the block has yet to take."""
-        return int((self._free() - reserved) * 0.8) // self._block_sample_bytes(acts)
+        return self._samples_that_fit(self._block_sample_bytes(acts), reserved)
 
     def _codes_fit(self, name: str, layers: dict[str, LayerResult], acts: Acts, reserved: int) -> bool:
         """Whether learning the block's ternary codes (float32 latent, gradient, two Adam moments: 16 bytes
@@ -578,7 +588,7 @@ class Calibrator:
         all_codes = _code_bytes(results)
         lens = self.cond.txt_len[tr["traj_prompt"]]
         tokens = tr["traj_x"].shape[1] + int(lens.max())
-        one = self._e2e_sample_bytes(tokens) / 0.8  # one sample's activations, with _e2e_batch_that_fits' slack
+        one = self._e2e_sample_bytes(tokens) / ACT_SHARE  # one sample's activations, as _samples_that_fit counts
         # A continued run takes the plan it saved (windows, samples per step) where it still fits: the free
         # memory differs between runs (the trajectories may now be on the CPU, other processes).
         saved = (self.state.data.get("e2e_progress") or {}).get("key") or {}
@@ -688,14 +698,13 @@ class Calibrator:
     def _e2e_sample_bytes(self, tokens: int) -> int:
         """One sample's activations in an end-to-end step: one block input per block for the backward
         (checkpointing) and about 40 hidden-sized tensors inside the block being recomputed."""
-        esize = torch.finfo(self.dtype).bits // 8
-        return tokens * self.arch.hidden_size * esize * (len(self.blocks) + BLOCK_ACT_TENSORS)
+        return self._hidden_bytes(tokens) * (len(self.blocks) + BLOCK_ACT_TENSORS)
 
     def _e2e_batch_that_fits(self, tokens: int, reserved: int) -> int:
         """Samples per step that fit next to the model and the `reserved` bytes it has yet to take."""
         if self.device.type != "cuda":
             return 1 << 30
-        return int((self._free() - reserved) * 0.8) // self._e2e_sample_bytes(tokens)
+        return self._samples_that_fit(self._e2e_sample_bytes(tokens), reserved)
 
     def _velocity_step(self, blocks: nn.ModuleList, idx: list[int], per_pass: int, grad: bool = True) -> Tensor:
         """The velocity loss of batch idx (with grad: and its gradients), in passes of `per_pass` samples (0:

@@ -32,11 +32,11 @@ class LayerResult:
     bias: Optional[Tensor] = None
 
 
-def integer_codes(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+def integer_codes(qw: QuantizedWeight, dtype: torch.dtype = torch.float32, ones: Optional[Tensor] = None) -> Tensor:
     """The codes c of W = c * s [N, K] in `dtype` (exact: integers of at most 8 bits), decoded from the packed
-    bytes with unit scales."""
-    unit = QuantizedWeight(qw.fmt, qw.qweight, torch.ones_like(qw.scale), qw.zero, qw.in_features, qw.group_size)
-    return BF.dequantize(unit, dtype)
+    bytes with unit scales (`ones`, shaped as qw.scale, where the caller keeps them)."""
+    ones = torch.ones_like(qw.scale) if ones is None else ones
+    return BF.dequantize(QuantizedWeight(qw.fmt, qw.qweight, ones, qw.zero, qw.in_features, qw.group_size), dtype)
 
 
 def act_rounding(fmt: str, device: torch.device) -> str:
@@ -129,7 +129,7 @@ class StudentLinear(nn.Module):
         the code it already has (GPTQ's), so training starts from GPTQ's rounding while keeping
         how close each weight sits to a flip."""
         s = _expand(self.scale0, self.group_size, self.in_features)
-        c = self._frozen_codes(torch.float32)
+        c = integer_codes(self.qw, torch.float32, self.unit_scale)
         u = torch.where(s > 0, w / torch.where(s > 0, s, 1), c)
         return torch.minimum(torch.maximum(u, c - 0.49), c + 0.49)
 
@@ -147,14 +147,9 @@ class StudentLinear(nn.Module):
         self.qweight.copy_(pack_ternary(_rounded(self.u.detach()), self.unit_scale, self.group_size).qweight)
         self.u = None
 
-    def _frozen_codes(self, dtype: torch.dtype) -> Tensor:
-        """The packed codes decoded (integer_codes with the unit scales made once)."""
-        unit = QuantizedWeight(self.fmt, self.qweight, self.unit_scale, self.zero, self._k, self.group_size)
-        return BF.dequantize(unit, dtype)
-
     def weight(self, dtype: torch.dtype) -> Tensor:
         if self.u is None:
-            c = self._frozen_codes(dtype)
+            c = integer_codes(self.qw, dtype, self.unit_scale)
         else:  # straight-through: the forward uses the rounded codes, the gradient flows to u
             c = (self.u + (_rounded(self.u) - self.u).detach()).to(dtype)
         return c * _expand(self.scale(), self.group_size, self.in_features).to(dtype)
