@@ -10,6 +10,7 @@ are re-sampled here with the plain Euler loop, byte counts come from the file's 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from converter.calibration.acts import micro_batches
 from converter.calibration.conditioning import CalibrationConditioning, save_conditioning
 from converter.calibration.engine import CalibrationSettings, Calibrator
 from converter.calibration.streamed import StreamedFlux
+from converter.calibration.student import StudentLinear
 from converter.cli import main
 from converter.errors import ConversionError, InputError
 from converter.fileformat import LayerSpec, layer_tensors, read_header
@@ -715,6 +717,27 @@ def test_distillation_steps_take_what_fits_the_gpu(tiny, tmp_path, monkeypatch, 
     # what the block's backward holds is always reserved; with codes the check and the steps reserve alike
     assert len(reserve) == (2 if codes else 1) * len(BLOCKS) and all(r > 0 for r in reserve)
     assert not codes or reserve[0::2] == reserve[1::2]
+
+
+def test_a_block_sizes_its_codes_with_the_finished_blocks_freed(tiny, tmp_path, monkeypatch):
+    """The previous block's student (its float32 code latents) and the finished blocks are gone when the next
+    block measures what is free: held over, they made FLUX.1-dev double blocks keep GPTQ's codes under a
+    16 GiB cap (every other block, then all from block 9 on)."""
+    alive, resident = [], []
+    fits = Calibrator._codes_fit
+
+    def counting(self, name, *args):
+        # no gc.collect(): memory held by a reference cycle is not free on the GPU either
+        alive.append(sum(type(o) is StudentLinear for o in gc.get_objects()))
+        resident.append(set(self.model._resident))
+        return fits(self, name, *args)
+
+    monkeypatch.setattr(Calibrator, "_codes_fit", counting)
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "learn_codes": True, "distill_steps": 2})
+    convert(tiny["src"], str(tmp_path / "out.safetensors"), device="cpu", progress=False, calibration=settings)
+    assert alive == [0] * len(BLOCKS)
+    # nor do finished blocks stay resident from the teacher's sampling (on the CPU every block is kept)
+    assert resident == [set(BLOCKS[i:]) for i in range(len(BLOCKS))]
 
 
 # ---------------------------------------------------------------------------------------------- 4c. A8 plan
