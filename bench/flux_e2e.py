@@ -1,6 +1,6 @@
 """Full-size FLUX.1-dev transformer, random weights, one denoising step at 1024x1024, batch 1, through the
 model code users run: BFL layout, diffusers, ComfyUI; bf16, W1.58A16 and W1.58A8, the latter two also with a
-rank-16 low-rank branch (+r16); eager and compiled.
+rank-16 or rank-32 low-rank branch (+r16, +r32); eager and compiled.
 
 Device machine (H200), one call of at most 10 minutes, carry [".whl", ".comfyui"] (the .whl folder is
 diffusers 0.42.1 with its requirements; pip takes only what the machine lacks, else all into /tmp/site):
@@ -12,7 +12,7 @@ diffusers 0.42.1 with its requirements; pip takes only what the machine lacks, e
     PYTHONUNBUFFERED=1 python3 bench/flux_e2e.py --modes eager compiled --out $OUT/flux_e2e.md \\
     --json $OUT/flux_e2e.json 2>&1 | tee $OUT/flux_e2e.log
 
-    python bench/flux_e2e.py [--path bfl diffusers comfy] [--variants bf16 w158a16 w158a16+r16 w158a8 w158a8+r16]
+    python bench/flux_e2e.py [--path bfl diffusers comfy] [--variants bf16 w158a16 w158a16+r16 w158a8 w158a8+r16 ...]
                              [--modes eager compiled | --compile] [--steps 10] [--budget-s 420] [--tiny]
 
 One weight source for every path: FLUX.1-dev's tensors in BFL keys, random (seeded; weights and biases
@@ -20,9 +20,9 @@ N(0, 0.02), q/k norm scales N(1, 0.1)), made on the GPU one module group (an emb
 time. For W1.58 every block linear is packed right away as a converted file stores it (ternary codes +
 float32 row scales, docs/FORMAT.md) with the layer spec's `act` "a16" or "a8" (W1.58A8: activations
 quantized to 8 bits inside bitkernel's op, FP8 e4m3 on sm_89+), so the quantized variants never hold
-the dense model. The +r16 variants give every ternary layer `lora_rank` 16 and the low-rank branch a
+the dense model. The +rN variants (N = 16, 32) give every ternary layer `lora_rank` N and the low-rank branch a
 converted file stores for it (docs/FORMAT.md; the calibrated converter's quality-recovery branch):
-`<layer>.lora_down` [16, in] and `<layer>.lora_up` [out, 16], N(0, 0.02) from a generator of their own,
+`<layer>.lora_down` [N, in] and `<layer>.lora_up` [out, N], N(0, 0.02) from a generator of their own,
 so every other tensor equals the variant's without the branch. Each path loads those tensors the way it
 loads a converted file:
 
@@ -43,7 +43,7 @@ at its first run, after the other paths' eager runs): ms per step (median of CUD
 --steps calls after 2 warm-up calls), resident weights (allocated after building minus before) and peak
 VRAM (max allocated over the timed calls minus the allocation before building; peak stats reset after
 the warm-up). Between variants the model is freed, dynamo reset and the cache emptied. Ratios are
-against bf16 of the same path and mode; a +r16 variant is also compared with the same variant without
+against bf16 of the same path and mode; a +rN variant is also compared with the same variant without
 the branch (what the branch costs). `compiled`: torch.compile (inductor, mode "default") applied to
 each transformer block (regional compilation, as diffusers' compile_repeated_blocks: the blocks are
 nearly all of the time, and the compile takes seconds instead of minutes), the same for bf16 and ours;
@@ -91,18 +91,18 @@ from converter.fileformat import LayerSpec, install_layers  # noqa: E402
 from converter.flux_model import Flux, FluxConfig, make_img_ids, make_txt_ids, pack, unpack  # noqa: E402
 
 GIB = 2**30
+RANKS = (16, 32)  # of the low-rank branch variants (+rN): the converter's --lowrank values measured for quality
 PATHS = ("bfl", "diffusers", "comfy")
 # variant -> the layer spec of every block linear: dense bf16, or ternary with its activation precision and
 # the rank of its low-rank branch (0: none)
 VARIANTS = {
     "bf16": LayerSpec("bf16"),
     "w158a16": LayerSpec("ternary", act="a16"),
-    "w158a16+r16": LayerSpec("ternary", act="a16", lora_rank=16),
     "w158a8": LayerSpec("ternary", act="a8"),
-    "w158a8+r16": LayerSpec("ternary", act="a8", lora_rank=16),
+    **{f"w158{a}+r{r}": LayerSpec("ternary", act=a, lora_rank=r) for a in ("a16", "a8") for r in RANKS},
 }
 # variant -> the variant it differs from by one step: ternary weights, 8-bit activations, the low-rank branch
-STEPS = {"w158a16": "bf16", "w158a8": "w158a16", "w158a16+r16": "w158a16", "w158a8+r16": "w158a8"}
+STEPS = {"w158a16": "bf16", "w158a8": "w158a16", **{v: v.split("+")[0] for v in VARIANTS if "+" in v}}
 MODES = ("eager", "compiled")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # FLUX.1-dev's layout at the testbed's width, for the CPU mode the tests run
@@ -407,7 +407,7 @@ logging.getLogger("torch._dynamo").addHandler(_DYNAMO_WARNINGS)
 
 
 def _check_branches(path: str, variant: str, arch: Architecture, model: nn.Module) -> None:
-    """A +r16 row must time the branch: every ternary layer of the model code holds it (bitkernel.nn's
+    """A +rN row must time the branch: every ternary layer of the model code holds it (bitkernel.nn's
     QuantLinear and comfy_nodes' packed Linear both as `lora_down`)."""
     want = sum(1 for s in layer_specs(arch, variant).values() if s.lora_rank)
     have = sum(isinstance(getattr(m, "lora_down", None), torch.Tensor) for m in model.modules())
@@ -500,7 +500,7 @@ def _relative(a: torch.Tensor, ref: torch.Tensor) -> float:
 def agreement(outputs: dict[tuple[str, str, str], torch.Tensor]) -> list[dict[str, Any]]:
     """max |out - ref| / max |ref| between paths (reference bfl, else the first path) per mode and
     variant, between eager and compiled per path and variant, and (mode "variants") between the
-    variants of one path: W1.58A16 against bf16, W1.58A8 against W1.58A16, +r16 against the same variant
+    variants of one path: W1.58A16 against bf16, W1.58A8 against W1.58A16, +rN against the same variant
     without the branch (what each step changes)."""
     out = []
     for (mode, path, variant), t in outputs.items():
@@ -531,7 +531,7 @@ def _measured(rows: list[dict[str, Any]], path: str, variant: str) -> Optional[d
 
 
 def _branch_cost(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """What a +r16 row adds to the same variant without the branch: ms per step and peak VRAM."""
+    """What a +rN row adds to the same variant without the branch: ms per step and peak VRAM."""
     if not VARIANTS[r["variant"]].lora_rank:
         return ""
     ref = _measured(rows, r["path"], STEPS[r["variant"]])
@@ -568,7 +568,7 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, 
         "path and mode (speed: bf16 ms / ms; peak: peak / bf16 peak).",
     ]
     if any(VARIANTS[v].lora_rank for v in args.variants):
-        out += ["", f"+r16: every ternary layer also runs a rank-16 low-rank branch (lora_down, lora_up in "
+        out += ["", f"+rN: every ternary layer also runs a rank-N low-rank branch (lora_down, lora_up in "
                 f"{args.dtype}, as a converted file stores it in bf16); branch cost: the row minus the same variant "
                 "without the branch (same path and mode)."]
     for mode in args.modes:

@@ -2,7 +2,7 @@
 COMFYUI_DIR points to a checkout) and every variant runs and is in the table, and the paths compute the
 same model: fed the same weights and inputs, their outputs agree to float32 rounding, far closer than
 what W1.58A8 changes against W1.58A16 (so a path that ran A16 for A8, or mapped a layer wrongly, fails),
-and the rank-16 low-rank branch of the +r16 variants changes each path's output (so no path drops it).
+and the low-rank branch of the +r16 / +r32 variants changes each path's output (so no path drops it).
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "bench", "flux_e2e.py")
-VARIANTS = ("bf16", "w158a16", "w158a16+r16", "w158a8", "w158a8+r16")
+BRANCHED = ("w158a16+r16", "w158a16+r32", "w158a8+r16", "w158a8+r32")
+VARIANTS = ("bf16", "w158a16", "w158a8", *BRANCHED)
 # float32: the paths agree to ~3e-7 (measured; bfl and diffusers bit for bit). What quantization changes
 # (measured): W1.58A16 vs bf16 ~4e-2, W1.58A8 vs W1.58A16 ~3e-4; a q/k mix-up in one block ~3e-3.
 # W1.58A8 rounds activations to 8 bits: an input 1e-5 off flips codes and moves the output ~6e-5
 # (measured), so A8 gets a tolerance that a few such flips pass and a path running A16 (3e-4 off) fails.
-AGREE = {"bf16": 1e-5, "w158a16": 1e-5, "w158a16+r16": 1e-5, "w158a8": 1e-4, "w158a8+r16": 1e-4}
+AGREE = {"bf16": 1e-5, "w158a16": 1e-5, "w158a8": 1e-4, **{v: 1e-5 if "a16" in v else 1e-4 for v in BRANCHED}}
 A8_EFFECT = 2e-4
 TERNARY_EFFECT = 1e-3
-# The +r16 branch (N(0, 0.02) down and up) moves the output ~3e-3 (measured) from the same variant without
+# The +r16 / +r32 branch (N(0, 0.02) down and up) moves the output ~3e-3 (measured) from the same variant without
 # it, whose other weights are identical: a path that dropped the branch would differ by 0.
 BRANCH_EFFECT = 1e-3
 
@@ -106,14 +107,14 @@ def test_each_variant_changes_the_output(tiny):
 
 @pytest.mark.parametrize("path", ["bfl", "diffusers", "comfy"])
 def test_low_rank_branch_changes_the_output(tiny, path):
-    """Each path runs the +r16 variants with their branch, not silently without it, and reports its cost."""
+    """Each path runs the +r16 / +r32 variants with their branch, not silently without it, and reports its cost."""
     paths, proc, data = tiny
     if path not in paths:
         why = {"diffusers": "diffusers does not import", "comfy": "COMFYUI_DIR is not set to a ComfyUI checkout"}[path]
         pytest.skip(f"the {path} path does not run here: {why}")
     effect = {d["variant"]: d for d in data["agreement"] if d["mode"] == "variants (eager)" and d["path"] == path}
-    for variant, ref in (("w158a16+r16", "w158a16"), ("w158a8+r16", "w158a8")):
-        assert effect[variant]["ref"] == ref
+    for variant in BRANCHED:
+        assert effect[variant]["ref"] == variant.split("+")[0]
         assert effect[variant]["rel"] > BRANCH_EFFECT, effect[variant]
         assert re.search(rf"^\| {path} \| {re.escape(variant)} \|.* ms \([+-][\d.]+%\) \|$", proc.stdout, re.M)
 
