@@ -1,6 +1,6 @@
 """The demo: convert the shipped testbed model to 1.58 bits and compare it with full precision.
 
-    python demo.py [--out out/demo] [--n N] [--lowrank 16] [--no-calibrate] [--device cpu|cuda]
+    python demo.py [--out out/demo] [--n N] [--lowrank R] [--no-calibrate] [--device cpu|cuda]
 
 Converts testbed/weights/flux_testbed.safetensors (a FLUX-architecture model
 trained here, see testbed/README.md) to 1.58 bits the way FLUX.1-dev is meant
@@ -61,7 +61,8 @@ def main() -> int:
     ap.add_argument("--method", default="mse", help="converter rounding method (default: the converter's default)")
     ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                     help="calibrate against the full-precision model (default on)")
-    ap.add_argument("--lowrank", type=int, default=16, help="rank of the calibrated low-rank branch (0: none)")
+    ap.add_argument("--lowrank", type=int, default=CalibrationSettings.lowrank,
+                    help="rank of the calibrated low-rank branch (0: none; default: the converter's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.n is None:

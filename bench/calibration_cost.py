@@ -62,8 +62,7 @@ def run(src: str, cond: str, out: str, cap: float, args: argparse.Namespace) -> 
     cmd = [sys.executable, "-c", code, "convert.py", src, "-o", out, "--force", "--quiet", "--calibrate",
            "--calib-data", cond, "--calib-steps", str(args.steps), "--calib-timesteps", str(args.timesteps),
            "--distill-steps", str(args.distill_steps), "--calib-gpu-memory", str(cap), "--report-json", report]
-    if args.lowrank:
-        cmd += ["--lowrank", str(args.lowrank)]
+    cmd += ["--lowrank", str(args.lowrank)]
     if args.no_learn_codes:
         cmd += ["--no-learn-codes"]
     if args.no_gptq:
@@ -96,7 +95,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--distill-steps", type=int, default=300)
-    ap.add_argument("--lowrank", type=int, default=0)
+    ap.add_argument("--lowrank", type=int, default=CalibrationSettings.lowrank, help="the converter's --lowrank")
     ap.add_argument("--no-learn-codes", action="store_true")
     ap.add_argument("--no-gptq", action="store_true", help="with --distill-steps 0: a quick block stage, to measure "
                     "the end-to-end stage at full depth (--depth 19 --single 38)")

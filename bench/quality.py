@@ -42,28 +42,31 @@ from testbed.sampling import DEFAULT_GUIDANCE  # noqa: E402
 from testbed.scenes import CATEGORIES  # noqa: E402
 
 # method name -> converter arguments; "calibration" holds CalibrationSettings fields (the conditioning
-# file is made per run from the testbed's calibration split, which never overlaps the evaluation prompts)
+# file is made per run from the testbed's calibration split, which never overlaps the evaluation prompts).
+# A name lists its calibration stages; "rN" is the low-rank branch of rank N, "r0" none (the converter's
+# default has one: rank 32).
 T = {"method": "mse", "default_format": "ternary"}
-NO_CODES, NO_E2E = {"learn_codes": False}, {"e2e_steps": 0}
+NO_CODES, NO_E2E, R0 = {"learn_codes": False}, {"e2e_steps": 0}, {"lowrank": 0}
 METHODS = {
     "int8": {"method": "mse", "default_format": "int8"},
     "int4": {"method": "mse", "default_format": "int4:64"},
-    # the converter's default --calibrate: GPTQ, scales and codes per block, then end to end
+    # the converter's default --calibrate: GPTQ, scales and codes per block, then end to end; rank-32 branch
     "gptq+scales+codes+e2e (default)": {**T, "calibration": {}},
     "gptq+scales+codes+e2e a8": {**T, "default_format": "ternary+a8", "calibration": {}},
     "gptq+scales+codes+e2e r16": {**T, "calibration": {"lowrank": 16}},
+    "gptq+scales+codes+e2e r0": {**T, "calibration": R0},
     # codes learned per block, frozen in the end-to-end stage (what FLUX.1-dev got before windows.py)
     "gptq+scales+codes+e2e scales-only": {**T, "calibration": {"e2e_learn_codes": False}},
     # what FLUX.1-dev gets on one 16-24 GB GPU, emulated: the end-to-end stage learns the codes 12 windows at
     # a time (the testbed's finest split) with 4 samples per step
     "gptq+scales+codes+e2e windows b4": {**T, "calibration": {"e2e_code_share": 0.1, "e2e_batch": 4}},
     "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits"}},
-    "gptq+scales+codes": {**T, "calibration": NO_E2E},
-    "gptq+scales+e2e": {**T, "calibration": NO_CODES},
-    "gptq+scales": {**T, "calibration": {**NO_CODES, **NO_E2E}},
+    "gptq+scales+codes": {**T, "calibration": {**NO_E2E, **R0}},
+    "gptq+scales+e2e": {**T, "calibration": {**NO_CODES, **R0}},
+    "gptq+scales": {**T, "calibration": {**NO_CODES, **NO_E2E, **R0}},
     "gptq+scales r16": {**T, "calibration": {**NO_CODES, **NO_E2E, "lowrank": 16}},
-    "gptq only": {**T, "calibration": {**NO_CODES, **NO_E2E, "distill_steps": 0}},
-    "scales only": {**T, "calibration": {**NO_CODES, **NO_E2E, "gptq": False}},
+    "gptq only": {**T, "calibration": {**NO_CODES, **NO_E2E, **R0, "distill_steps": 0}},
+    "scales only": {**T, "calibration": {**NO_CODES, **NO_E2E, **R0, "gptq": False}},
     "mse": T,
     "absmean": {"method": "absmean", "default_format": "ternary"},
 }

@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="distil the quantized layers' biases too (both stages); the file holds the trained biases",
     )
     c.add_argument(
-        "--lowrank", type=int, default=0, metavar="R", help="bf16 low-rank branch of rank R on ternary layers"
+        "--lowrank", type=int, metavar="R",
+        help="rank of the bf16 low-rank branch on ternary layers (default 32; 0: none, the smallest and fastest file: "
+        "on FLUX.1-dev rank 32 adds 306 MB and ~11%% to a W1.58A16 step, and on the testbed model it took the "
+        "calibrated model from 80.8%% to 86.7%% against 89.4%% for full precision)"
     )
     c.add_argument(
         "--e2e-steps", type=int, metavar="N",
@@ -134,8 +137,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     signal.signal(signal.SIGTERM, _on_sigterm)
     tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,
-              args.e2e_steps, args.e2e_batch, args.a8_keep)
-    calib_flags = (args.calib_data, args.budget, args.lowrank, args.calib_dir, args.no_gptq, args.no_learn_codes,
+              args.e2e_steps, args.e2e_batch, args.a8_keep, args.lowrank)
+    calib_flags = (args.calib_data, args.budget, args.calib_dir, args.no_gptq, args.no_learn_codes,
                    args.keep_calib_dir, args.train_bias)
     if not args.calibrate and (any(calib_flags) or any(v is not None for v in tuning)):
         print("error: calibration options need --calibrate", file=sys.stderr)
@@ -162,6 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "e2e_steps": args.e2e_steps,
             "e2e_batch": args.e2e_batch,
             "a8_keep": args.a8_keep,
+            "lowrank": args.lowrank,
         }
         calibration = CalibrationSettings(
             conditioning=args.calib_data,
@@ -169,7 +173,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             gptq=not args.no_gptq,
             learn_codes=not args.no_learn_codes,
             train_bias=args.train_bias,
-            lowrank=args.lowrank,
             budget=args.budget,
             gpu_memory_gb=args.calib_gpu_memory,
             state_dir=args.calib_dir,

@@ -42,7 +42,7 @@ L = 8  # text tokens of the calibration conditioning
 BLOCKS = ["double_blocks.0", "single_blocks.0"]
 # 6 prompts in the file, the first 4 used; 3 teacher steps, 2 kept: 8 samples
 BASE = dict(prompts=4, steps=3, timesteps=2, distill_steps=20, micro_batch_tokens=256, learn_codes=False,
-            e2e_steps=0)
+            e2e_steps=0, lowrank=0)
 
 
 def _cond(n: int, context: int, vec: int, seed: int, txt_len=None) -> CalibrationConditioning:
@@ -891,7 +891,7 @@ def test_budget_with_lowrank_counts_the_branch_of_pinned_layers(tiny, tmp_path):
     budget = (total(LayerSpec("ternary", lora_rank=8)) + total(LayerSpec("int8"))) // 2
     pinned = "single_blocks.0.linear2"
     out = str(tmp_path / "mixed.safetensors")
-    settings = CalibrationSettings(tiny["cond"], **{**BASE, "distill_steps": 5}, lowrank=8, budget=f"{budget}B")
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "distill_steps": 5, "lowrank": 8}, budget=f"{budget}B")
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, rules=[f"{pinned}=ternary:64"])
     header = read_header(out)
     assert header.layers[pinned].format == "ternary" and header.layers[pinned].group_size == 64
@@ -1002,6 +1002,24 @@ def test_cli_calibrates(tiny, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors", "work"]
 
 
+def test_cli_default_gives_every_ternary_layer_the_default_branch(tiny, tmp_path):
+    """Without --lowrank the file carries CalibrationSettings' rank (32: the measured default), stored per layer."""
+    out = str(tmp_path / "out.safetensors")
+    argv = [
+        tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", tiny["cond"],
+        "--calib-prompts", "2", "--calib-steps", "2", "--calib-timesteps", "1", "--no-gptq", "--distill-steps", "1",
+        "--e2e-steps", "0",
+    ]
+    assert main(argv) == 0
+    assert CalibrationSettings.lowrank == 32 and _record(out)["settings"]["lowrank"] == 32
+    layers = read_header(out).layers
+    assert layers and all(spec.lora_rank == 32 for spec in layers.values() if spec.format == "ternary")
+    tensors = load_file(out)
+    for name, spec in layers.items():
+        if spec.format == "ternary":
+            assert tensors[f"{name}.lora_down"].shape[0] == 32 and tensors[f"{name}.lora_up"].shape[1] == 32
+
+
 # ---------------------------------------------------------------------------------------------- 8. text lengths
 
 
@@ -1033,7 +1051,7 @@ def test_variable_text_lengths_end_to_end(tiny, tmp_path):
     assert cond.txt_len.tolist() == lens
     out = str(tmp_path / "var.safetensors")
     settings = CalibrationSettings(
-        tiny["cond_var"], prompts=0, steps=3, timesteps=2, distill_steps=10, micro_batch_tokens=48
+        tiny["cond_var"], prompts=0, steps=3, timesteps=2, distill_steps=10, micro_batch_tokens=48, lowrank=0
     )  # 48 tokens: at most 2 samples of 16 + 8 tokens per micro-batch
     convert(tiny["src"], out, device="cpu", progress=False, calibration=settings, keep_calibration_dir=True)
     rec = _record(out)

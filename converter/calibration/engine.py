@@ -96,7 +96,10 @@ class CalibrationSettings:
     distill_batch: int = 0  # samples per distillation step (0: as many as fit micro_batch_tokens)
     scale_lr: float = 2e-3
     lowrank_lr: float = 3e-4
-    lowrank: int = 0  # rank of the bf16 branch on ternary layers
+    # rank of the bf16 branch on ternary layers (0: none). Testbed, 1200 held-out prompts: none 80.8%, 16 83.1%,
+    # 32 86.7% against 89.4% (bench/results/quality_lowrank_h200.md); on FLUX.1-dev it adds 306 MB and ~11% to
+    # an eager W1.58A16 step at rank 16 or 32 alike (flux_e2e_branch_h200.md)
+    lowrank: int = 32
     train_bias: bool = False  # distil the quantized linears' biases too (both stages)
     bias_lr: float = 1e-3  # 1e-4 left the block errors unchanged (bench/results/calibration_ablation_cpu.md)
     e2e_steps: int = 2000  # Adam steps of end-to-end velocity matching over all blocks (0: off)
