@@ -5,8 +5,8 @@
 Converts testbed/weights/flux_testbed.safetensors (a FLUX-architecture model
 trained here, see testbed/README.md) to 1.58 bits the way FLUX.1-dev is meant
 to be converted: `--calibrate` (docs/CALIBRATION.md) on the testbed's own
-calibration prompts (never the evaluation prompts), with a rank-16 low-rank
-branch; on a CPU with fewer prompts and steps than the converter's defaults so
+calibration prompts (never the evaluation prompts), with the converter's
+rank-32 low-rank branch; on a CPU with fewer prompts and steps than the converter's defaults so
 it takes about 3 minutes (`--no-calibrate`: plain `mse` rounding, seconds).
 Then it samples held-out prompts with the full-precision and the 1.58-bit model on the
 same noise, scores both with the testbed's rules, and writes a side-by-side

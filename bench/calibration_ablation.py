@@ -38,7 +38,7 @@ from testbed.evaluate import evaluate  # noqa: E402
 NO_BRANCH = {"lowrank": 0}
 SCALES = {"learn_codes": False}  # what the first table's "base" was: codes frozen at GPTQ's rounding
 VARIANTS = {
-    "default": {},  # the converter's defaults at the reduced settings: GPTQ, scales and codes, no end-to-end stage
+    "default": {},  # the converter's defaults at the reduced settings but no branch: GPTQ, scales and codes
     "base": SCALES,  # GPTQ + scale distillation at scale_lr 2e-3
     "d300": {**SCALES, "distill_steps": 300},
     "lr1e-2": {**SCALES, "scale_lr": 1e-2},

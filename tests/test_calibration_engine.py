@@ -733,6 +733,7 @@ def test_a_block_sizes_its_codes_with_the_finished_blocks_freed(tiny, tmp_path, 
         return fits(self, name, *args)
 
     monkeypatch.setattr(Calibrator, "_codes_fit", counting)
+    gc.collect()  # what earlier tests left behind is not this run's
     settings = CalibrationSettings(tiny["cond"], **{**BASE, "learn_codes": True, "distill_steps": 2})
     convert(tiny["src"], str(tmp_path / "out.safetensors"), device="cpu", progress=False, calibration=settings)
     assert alive == [0] * len(BLOCKS)
@@ -800,14 +801,15 @@ def test_state_folder_is_reused_only_with_the_same_settings(tiny, tmp_path, monk
     shutil.copytree(path + ".calib", state)
     out = str(tmp_path / "out.safetensors")
     same = CalibrationSettings(tiny["cond"], **BASE, state_dir=state)
-    for other in (
-        dataclasses.replace(same, distill_steps=21),
-        dataclasses.replace(same, prompts=3),
-        dataclasses.replace(same, conditioning=tiny["cond_var"]),
+    for other, differs in (
+        (dataclasses.replace(same, distill_steps=21), "distill_steps: saved 20, now 21"),
+        (dataclasses.replace(same, prompts=3), "prompts: saved 4, now 3"),
+        (dataclasses.replace(same, lowrank=32), "lowrank: saved 0, now 32"),
+        (dataclasses.replace(same, conditioning=tiny["cond_var"]), "the conditioning file"),
     ):
         with pytest.raises(ConversionError, match="--calib-dir") as exc:
             convert(tiny["src"], out, device="cpu", progress=False, calibration=other)
-        assert state in str(exc.value) and "other settings" in str(exc.value)
+        assert state in str(exc.value) and f"other settings ({differs})" in str(exc.value)
         assert sorted(os.listdir(tmp_path)) == ["state"]
     # same settings (another output, another folder name): nothing is recomputed, the same layers come out
     quantized, embedded = Spy(monkeypatch, Calibrator, "quantize_block"), Spy(monkeypatch, StreamedFlux, "embed")
@@ -904,6 +906,15 @@ def test_budget_with_lowrank_counts_the_branch_of_pinned_layers(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------- 7. errors
 
 
+def test_branch_wider_than_a_layer_is_refused_before_the_capture(tiny, tmp_path, monkeypatch):
+    captured = Spy(monkeypatch, Calibrator, "capture")
+    settings = CalibrationSettings(tiny["cond"], **{**BASE, "lowrank": 300})  # the tiny model is 256 wide
+    out = str(tmp_path / "out.safetensors")
+    with pytest.raises(ConversionError, match="--lowrank 300 is more than layer .* dimension 256: use --lowrank 256"):
+        convert(tiny["src"], out, device="cpu", progress=False, calibration=settings)
+    assert captured.calls == [] and not os.path.exists(out)
+
+
 def test_missing_conditioning_file(tiny, tmp_path):
     out = str(tmp_path / "out.safetensors")
     settings = CalibrationSettings(str(tmp_path / "missing.safetensors"), **BASE)
@@ -951,8 +962,8 @@ def test_failure_after_calibration_leaves_no_file_and_keeps_the_work(tiny, tmp_p
 
 def test_cli_argument_errors(tiny, tmp_path, capsys):
     out = str(tmp_path / "out.safetensors")
-    for flags in (["--budget", "3GB"], ["--lowrank", "4"], ["--calib-data", tiny["cond"]], ["--no-gptq"],
-                  ["--calib-dir", str(tmp_path / "d")]):
+    for flags in (["--budget", "3GB"], ["--lowrank", "4"], ["--lowrank", "0"], ["--calib-data", tiny["cond"]],
+                  ["--no-gptq"], ["--calib-dir", str(tmp_path / "d")]):
         assert main([tiny["src"], "-o", out, "--device", "cpu", *flags]) == 2, flags
         assert "calibration options need --calibrate" in capsys.readouterr().err
     assert main([tiny["src"], "-o", out, "--device", "cpu", "--calibrate"]) == 2
@@ -1002,22 +1013,26 @@ def test_cli_calibrates(tiny, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors", "work"]
 
 
-def test_cli_default_gives_every_ternary_layer_the_default_branch(tiny, tmp_path):
-    """Without --lowrank the file carries CalibrationSettings' rank (32: the measured default), stored per layer."""
+@pytest.mark.parametrize("flags,rank", [([], 32), (["--lowrank", "0"], 0)], ids=["default", "lowrank0"])
+def test_cli_branch_rank(tiny, tmp_path, flags, rank):
+    """Without --lowrank the file carries CalibrationSettings' rank (32: the measured default) on every ternary
+    layer; --lowrank 0 means no branch (not "not given")."""
     out = str(tmp_path / "out.safetensors")
     argv = [
         tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", tiny["cond"],
         "--calib-prompts", "2", "--calib-steps", "2", "--calib-timesteps", "1", "--no-gptq", "--distill-steps", "1",
-        "--e2e-steps", "0",
+        "--e2e-steps", "0", *flags,
     ]
     assert main(argv) == 0
-    assert CalibrationSettings.lowrank == 32 and _record(out)["settings"]["lowrank"] == 32
+    assert CalibrationSettings.lowrank == 32 and _record(out)["settings"]["lowrank"] == rank
     layers = read_header(out).layers
-    assert layers and all(spec.lora_rank == 32 for spec in layers.values() if spec.format == "ternary")
+    assert layers and all(spec.lora_rank == rank for spec in layers.values() if spec.format == "ternary")
     tensors = load_file(out)
     for name, spec in layers.items():
-        if spec.format == "ternary":
-            assert tensors[f"{name}.lora_down"].shape[0] == 32 and tensors[f"{name}.lora_up"].shape[1] == 32
+        if spec.format == "ternary" and rank:
+            assert tensors[f"{name}.lora_down"].shape[0] == rank and tensors[f"{name}.lora_up"].shape[1] == rank
+        else:
+            assert f"{name}.lora_down" not in tensors
 
 
 # ---------------------------------------------------------------------------------------------- 8. text lengths

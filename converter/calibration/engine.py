@@ -195,6 +195,15 @@ class Calibrator:
         for name in ("e2e_steps", "e2e_batch", "distill_steps", "distill_batch", "steps", "prompts", "lowrank"):
             if getattr(settings, name) < 0:
                 raise ConversionError(f"{name} must be 0 or more, got {getattr(settings, name)}")
+        if settings.lowrank:  # before the capture, not at the first narrow layer's branch
+            shapes = source.shapes()
+            for layer, spec in specs.items():
+                side = min(shapes.get(f"{layer}.weight", (settings.lowrank,)))
+                if spec.quantized and side < settings.lowrank:
+                    raise ConversionError(
+                        f"--lowrank {settings.lowrank} is more than layer {layer}'s smaller dimension {side}: "
+                        f"use --lowrank {side} or less (0: no branch)"
+                    )
         if settings.e2e_lr <= 0:
             raise ConversionError(f"e2e_lr must be positive, got {settings.e2e_lr}")
         if not 0 < settings.e2e_code_share or settings.e2e_window_lr < 0:

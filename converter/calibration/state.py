@@ -50,6 +50,16 @@ def remove_state(folder: str) -> None:
         os.rmdir(folder)
 
 
+def _differences(saved: Any, now: dict[str, Any]) -> str:
+    """The settings in which a saved run key and this run's differ."""
+    if not isinstance(saved, dict):
+        return "an unreadable key"
+    names = {"source": "the checkpoint file", "conditioning": "the conditioning file"}
+    out = [names.get(k) or f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+           for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    return "; ".join(out)
+
+
 class CalibrationState:
     def __init__(self, folder: str, key: dict[str, Any]) -> None:
         self.folder, self.key = folder, key
@@ -60,9 +70,11 @@ class CalibrationState:
             with open(path) as f:
                 old = json.load(f)
             if old.get("key") != key:
+                what = _differences(old.get("key"), key)
                 raise ConversionError(
-                    f"the calibration folder {folder} holds a run with other settings (checkpoint, conditioning "
-                    "or options); delete it or choose another with --calib-dir."
+                    f"the calibration folder {folder} holds a run with other settings ({what}); "
+                    "run with the saved settings to continue it (runs before --lowrank's default became 32 need "
+                    "--lowrank 0), or delete the folder, or choose another with --calib-dir."
                 )
             self.data = old
 
