@@ -41,7 +41,6 @@ class LowRank:
         return LowRank(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype))
 
 
-
 def _lora_weights(adapter: Any) -> Optional[tuple]:
     """(up, down, alpha, mid, dora_scale, reshape) of a plain LoRA patch, else None."""
     try:

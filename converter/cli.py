@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # segments, 2.3 GiB held by torch's cache could not serve 358 MiB at FLUX.1-dev's width under a
         # 16 GiB cap (H200). Read when CUDA first initialises, so it must be set before that; a user's own
         # allocator settings (either name torch reads) are left alone.
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     signal.signal(signal.SIGTERM, _on_sigterm)
     tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,
               args.e2e_steps, args.e2e_batch, args.a8_keep, args.lowrank)

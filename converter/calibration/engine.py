@@ -197,9 +197,9 @@ class Calibrator:
                 raise ConversionError(f"{name} must be 0 or more, got {getattr(settings, name)}")
         if settings.lowrank:  # before the capture, not at the first narrow layer's branch
             shapes = source.shapes()
-            for layer, spec in specs.items():
-                side = min(shapes.get(f"{layer}.weight", (settings.lowrank,)))
-                if spec.quantized and side < settings.lowrank:
+            for layer in (layer for layer, spec in specs.items() if spec.quantized):
+                side = min(shapes[f"{layer}.weight"])
+                if side < settings.lowrank:
                     raise ConversionError(
                         f"--lowrank {settings.lowrank} is more than layer {layer}'s smaller dimension {side}: "
                         f"use --lowrank {side} or less (0: no branch)"

@@ -72,9 +72,8 @@ class CalibrationState:
             if old.get("key") != key:
                 what = _differences(old.get("key"), key)
                 raise ConversionError(
-                    f"the calibration folder {folder} holds a run with other settings ({what}); "
-                    "run with the saved settings to continue it (runs before --lowrank's default became 32 need "
-                    "--lowrank 0), or delete the folder, or choose another with --calib-dir."
+                    f"the calibration folder {folder} holds a run with other settings ({what}); run with the saved "
+                    "settings to continue it, or delete the folder, or choose another with --calib-dir."
                 )
             self.data = old
 
