@@ -222,6 +222,24 @@ def test_lowrank_plain_is_truncated_svd():
     torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.05], ids=["flat", "decaying"])
+def test_lowrank_large_layers_take_a_reproducible_sketch_near_the_optimum(decay):
+    # wide enough that only a sketch of the top singular space is computed (a full SVD is the reference)
+    g = torch.Generator().manual_seed(10)
+    n, k, rank = 700, 400, 12
+    u0 = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    v0 = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64)).Q
+    r = (u0 * torch.exp(-decay * torch.arange(k, dtype=torch.float64))) @ v0.T
+    r = (r + 0.05 * torch.randn(n, k, generator=g, dtype=torch.float64)).float()
+    down, up = svd_lowrank_init(r, rank)
+    sv = np.linalg.svd(r.double().numpy(), compute_uv=False)
+    optimum = float(np.sqrt((sv[rank:] ** 2).sum()))
+    err = float((r.double() - up.double() @ down.double()).norm())
+    assert optimum <= err * (1 + 1e-6) and err <= 1.005 * optimum, (err, optimum)
+    d2, u2 = svd_lowrank_init(r, rank)
+    assert torch.equal(d2, down) and torch.equal(u2, up)
+
+
 def test_lowrank_activation_aware_beats_plain_in_h_metric():
     g = torch.Generator().manual_seed(9)
     k = 40

@@ -9,6 +9,12 @@ so the truncated SVD of the whitened residual R L, mapped back by L^-1, is
 optimal. Singular values are split as sqrt between the factors so that both
 have comparable magnitudes (matters once they are stored in bfloat16 and
 fine-tuned).
+
+Only the top `rank` singular triplets are needed, so they come from a
+randomized range finder (Halko, Martinsson & Tropp 2011) with power iterations
+rather than a full SVD: on FLUX.1-dev's 18432 x 3072 layers the full SVD made
+the branch's initialisation ~75% of a double block's calibration time. The
+sketch is seeded, so a conversion is reproducible.
 """
 
 from __future__ import annotations
@@ -43,13 +49,29 @@ def svd_lowrank_init(
             raise ValueError(f"Hessian must be [{k}, {k}] for in_features {k}, got {tuple(hessian.shape)}")
         _, chol = factor_hessian(damped_hessian(hessian, damp, r.device)[0])
         r = r @ chol
-    u, s, vh = torch.linalg.svd(r, full_matrices=False)
+    u, s, vh = _top_svd(r, rank)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root
     down = root[:, None] * vh[:rank]
     if chol is not None:  # down L = (whitened down)  =>  down = (whitened down) L^-1
         down = torch.linalg.solve_triangular(chol, down, upper=False, left=False)
     return down.contiguous(), up.contiguous()
+
+
+def _top_svd(a: torch.Tensor, rank: int, oversample: int = 16, power_iters: int = 4):
+    """(u, s, vh) of the leading `rank` singular triplets of `a` (at least; callers slice)."""
+    n, k = a.shape
+    width = rank + oversample
+    if width >= min(n, k) // 2:  # as cheap to do exactly
+        return torch.linalg.svd(a, full_matrices=False)
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    basis = torch.linalg.qr(a @ torch.randn(k, width, generator=gen, device=a.device, dtype=a.dtype)).Q
+    # Each round multiplies the spectrum's decay by (a a^T); re-orthonormalising keeps the small directions
+    # from drowning in rounding.
+    for _ in range(power_iters):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    ub, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return basis @ ub, s, vh
 
 
 def with_branch(spec: LayerSpec, rank: int) -> LayerSpec:
