@@ -44,10 +44,12 @@ from testbed.scenes import CATEGORIES  # noqa: E402
 # method name -> converter arguments; "calibration" holds CalibrationSettings fields (the conditioning
 # file is made per run from the testbed's calibration split, which never overlaps the evaluation prompts).
 # A name lists its calibration stages; "rN" is the low-rank branch of rank N, "r0" none. The default and its
-# variants (a8, scales-only, windows b4) have the converter's default branch (rank 32 since session 7); the stage
-# ablations below them and "2.5 bits" are pinned to r0, as they were measured.
+# variants (a8, scales-only, windows b4, r16, r0) follow the converter's defaults (rank-32 branch since session 7,
+# trained biases since session 8); the stage ablations below them and "2.5 bits" are pinned to what they were
+# measured with: no branch, checkpoint biases.
 T = {"method": "mse", "default_format": "ternary"}
 NO_CODES, NO_E2E, R0 = {"learn_codes": False}, {"e2e_steps": 0}, {"lowrank": 0}
+AS_MEASURED = {**R0, "train_bias": False}
 METHODS = {
     "int8": {"method": "mse", "default_format": "int8"},
     "int4": {"method": "mse", "default_format": "int4:64"},
@@ -61,13 +63,14 @@ METHODS = {
     # what FLUX.1-dev gets on one 16-24 GB GPU, emulated: the end-to-end stage learns the codes 12 windows at
     # a time (the testbed's finest split) with 4 samples per step
     "gptq+scales+codes+e2e windows b4": {**T, "calibration": {"e2e_code_share": 0.1, "e2e_batch": 4}},
-    "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits", **R0}},  # r32 alone is 4.5 bits
-    "gptq+scales+codes": {**T, "calibration": {**NO_E2E, **R0}},
-    "gptq+scales+e2e": {**T, "calibration": {**NO_CODES, **R0}},
-    "gptq+scales": {**T, "calibration": {**NO_CODES, **NO_E2E, **R0}},
-    "gptq+scales r16": {**T, "calibration": {**NO_CODES, **NO_E2E, "lowrank": 16}},
-    "gptq only": {**T, "calibration": {**NO_CODES, **NO_E2E, **R0, "distill_steps": 0}},
-    "scales only": {**T, "calibration": {**NO_CODES, **NO_E2E, **R0, "gptq": False}},
+    # rank 32 alone is 4.5 bits on the testbed
+    "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits", **AS_MEASURED}},
+    "gptq+scales+codes": {**T, "calibration": {**NO_E2E, **AS_MEASURED}},
+    "gptq+scales+e2e": {**T, "calibration": {**NO_CODES, **AS_MEASURED}},
+    "gptq+scales": {**T, "calibration": {**NO_CODES, **NO_E2E, **AS_MEASURED}},
+    "gptq+scales r16": {**T, "calibration": {**NO_CODES, **NO_E2E, "lowrank": 16, "train_bias": False}},
+    "gptq only": {**T, "calibration": {**NO_CODES, **NO_E2E, **AS_MEASURED, "distill_steps": 0}},
+    "scales only": {**T, "calibration": {**NO_CODES, **NO_E2E, **AS_MEASURED, "gptq": False}},
     "mse": T,
     "absmean": {"method": "absmean", "default_format": "ternary"},
 }

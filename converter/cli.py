@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="distil only the scales (and branch); by default the ternary codes are learned too",
     )
     c.add_argument(
-        "--train-bias", action="store_true",
-        help="distil the quantized layers' biases too (both stages); the file holds the trained biases",
+        "--train-bias", action=argparse.BooleanOptionalAction,
+        help="distil the quantized layers' biases too, in both stages (default on; the file holds the trained "
+        "biases). --no-train-bias keeps the checkpoint's biases, as runs before it was the default did",
     )
     c.add_argument(
         "--lowrank", type=int, metavar="R",
@@ -137,9 +138,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     signal.signal(signal.SIGTERM, _on_sigterm)
     tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,
-              args.e2e_steps, args.e2e_batch, args.a8_keep, args.lowrank)
+              args.e2e_steps, args.e2e_batch, args.a8_keep, args.lowrank, args.train_bias)
     calib_flags = (args.calib_data, args.budget, args.calib_dir, args.no_gptq, args.no_learn_codes,
-                   args.keep_calib_dir, args.train_bias)
+                   args.keep_calib_dir)
     if not args.calibrate and (any(calib_flags) or any(v is not None for v in tuning)):
         print("error: calibration options need --calibrate", file=sys.stderr)
         return 2
@@ -166,13 +167,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             "e2e_batch": args.e2e_batch,
             "a8_keep": args.a8_keep,
             "lowrank": args.lowrank,
+            "train_bias": args.train_bias,
         }
         calibration = CalibrationSettings(
             conditioning=args.calib_data,
             **{k: v for k, v in given.items() if v is not None},
             gptq=not args.no_gptq,
             learn_codes=not args.no_learn_codes,
-            train_bias=args.train_bias,
             budget=args.budget,
             gpu_memory_gb=args.calib_gpu_memory,
             state_dir=args.calib_dir,

@@ -1013,10 +1013,12 @@ def test_cli_calibrates(tiny, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["out.safetensors", "work"]
 
 
-@pytest.mark.parametrize("flags,rank", [([], 32), (["--lowrank", "0"], 0)], ids=["default", "lowrank0"])
-def test_cli_branch_rank(tiny, tmp_path, flags, rank):
+@pytest.mark.parametrize(
+    "flags,rank,bias", [([], 32, True), (["--lowrank", "0", "--no-train-bias"], 0, False)], ids=["default", "off"]
+)
+def test_cli_branch_rank_and_biases(tiny, tmp_path, flags, rank, bias):
     """Without --lowrank the file carries CalibrationSettings' rank (32: the measured default) on every ternary
-    layer; --lowrank 0 means no branch (not "not given")."""
+    layer; --lowrank 0 means no branch (not "not given"). Biases are trained unless --no-train-bias."""
     out = str(tmp_path / "out.safetensors")
     argv = [
         tiny["src"], "-o", out, "--device", "cpu", "--quiet", "--calibrate", "--calib-data", tiny["cond"],
@@ -1024,7 +1026,9 @@ def test_cli_branch_rank(tiny, tmp_path, flags, rank):
         "--e2e-steps", "0", *flags,
     ]
     assert main(argv) == 0
-    assert CalibrationSettings.lowrank == 32 and _record(out)["settings"]["lowrank"] == rank
+    settings = _record(out)["settings"]
+    assert CalibrationSettings.lowrank == 32 and settings["lowrank"] == rank
+    assert CalibrationSettings.train_bias is True and settings["train_bias"] is bias
     layers = read_header(out).layers
     assert layers and all(spec.lora_rank == rank for spec in layers.values() if spec.format == "ternary")
     tensors = load_file(out)
