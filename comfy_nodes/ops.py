@@ -221,6 +221,7 @@ class PackedLinearMixin:
         elif patchset is None:
             patchset = self.resident
 
+        own = None if self.lora_down is None else (_on(self.lora_down, dev), _on(self.lora_up, dev))
         if wrappers or (patchset is not None and patchset.lowrank is None):
             # Patches that are not a side branch: ComfyUI's math on a dequantized float32 copy, for this call
             # only (never stored). int8 activations (a8) do not apply on this path.
@@ -230,16 +231,16 @@ class PackedLinearMixin:
             for f in wrappers:
                 weight = f(weight)
             y = F.linear(x, weight.to(x.dtype), bias)
+            if own is not None:
+                y = bkf.add_lowrank(y, x, *own)
         else:
             xk = x
             if dev.type == "cuda" and x.dtype not in _KERNEL_DTYPES_CUDA:
                 xk = x.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
             bk = bias.to(xk.dtype) if bias is not None else None
-            y = bkf.linear(xk, qw, bk, spec.act == "a8").to(x.dtype)
+            y = bkf.linear(xk, qw, bk, spec.act == "a8", own).to(x.dtype)
             if patchset is not None and patchset.lowrank.rank:
                 y = bkf.add_lowrank(y, x, patchset.lowrank.down, patchset.lowrank.up)
-        if self.lora_down is not None:
-            y = bkf.add_lowrank(y, x, _on(self.lora_down, dev), _on(self.lora_up, dev))
         return y
 
     def extra_repr(self) -> str:

@@ -23,18 +23,23 @@ def test_compiled_module_links_no_torch():
         assert lib_name not in out, out
 
 
+@pytest.mark.parametrize("m", [5, 40])  # the small-M kernels and the dense path (where the branch is fused)
+@pytest.mark.parametrize("branch", [False, True])
 @pytest.mark.parametrize(
     "fmt,group,a8", [("ternary", 0, False), ("int4", 64, False), ("int8", 0, True), ("ternary", 0, True)]
 )
-def test_opcheck(device, fmt, group, a8):
+def test_opcheck(device, fmt, group, a8, branch, m):
     gen = torch.Generator().manual_seed(0)
     qw = F.quantize(torch.randn(24, 128, generator=gen).to(device), fmt, group)
-    x = torch.randn(5, 128, generator=gen).to(device, torch.bfloat16)
+    x = torch.randn(m, 128, generator=gen).to(device, torch.bfloat16)
     bias = torch.randn(24, generator=gen).to(device, torch.bfloat16)
+    down = torch.randn(4, 128, generator=gen).to(device, torch.bfloat16) if branch else None
+    up = torch.randn(24, 4, generator=gen).to(device, torch.bfloat16) if branch else None
     from bitkernel.formats import FORMAT_CODES
 
     torch.library.opcheck(
-        torch.ops.bitkernel.linear.default, (x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[fmt], group, a8)
+        torch.ops.bitkernel.linear.default,
+        (x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[fmt], group, a8, down, up),
     )
 
 

@@ -354,7 +354,9 @@ def test_op_registration_and_cuda_graph_capture(scaled_mm_calls):
     gen = torch.Generator().manual_seed(8)
     qw, bias = make_ternary(48, 256, gen, bias_dtype=torch.bfloat16)
     x = torch.randn(33, 256, generator=gen).to("cuda", torch.bfloat16)
-    torch.library.opcheck(torch.ops.bitkernel.linear.default, (x, qw.qweight, qw.scale, None, bias, 0, 0, True))
+    torch.library.opcheck(
+        torch.ops.bitkernel.linear.default, (x, qw.qweight, qw.scale, None, bias, 0, 0, True, None, None)
+    )
     y0 = F.linear(x, qw, bias, True)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

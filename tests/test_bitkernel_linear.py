@@ -72,6 +72,38 @@ def test_linear_odd_shapes(device, fmt, group, sym, a8, dtype, m):
 
 
 @pytest.mark.parametrize("fmt,group,sym,a8", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", MS)
+def test_linear_with_branch(device, fmt, group, sym, a8, dtype, m):
+    """linear(..., lowrank=(down, up)) against the reference product plus the branch in float64, on every
+    path (small M, the dense path where cuBLAS adds the product onto the branch's, A8, CPU), with leading
+    dims; float32 branch weights are used in x's dtype, and an empty branch changes nothing."""
+    gen = torch.Generator().manual_seed(m * 7 + len(fmt))
+    n, k, r = (131, 4 * 75, 5) if m <= 512 else (19, 4 * 17, 3)
+    qw, bias = make(fmt, group, sym, n, k, device, gen, dtype)
+    x = torch.randn(1, m, k, generator=gen).to(device, dtype)
+    down = torch.randn(r, k, generator=gen) * 0.1
+    up = torch.randn(n, r, generator=gen) * 0.1
+    y = F.linear(x, qw, bias, a8, (down.to(device, dtype), up.to(device, dtype)))
+    assert y.dtype == dtype and y.shape == (1, m, n)
+    ref = ref_linear(
+        x.reshape(m, k), qw.fmt, qw.qweight.cpu(), qw.scale.cpu(), None if qw.zero is None else qw.zero.cpu(),
+        qw.group_size, bias, a8, act_fp8=takes_fp8(x, qw, a8),
+    )
+    xd = x.reshape(m, k).double().cpu()
+    ref = ref + (xd @ down.to(dtype).double().T) @ up.to(dtype).double().T
+    err = rel_err(y.reshape(m, n), ref)
+    assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), err
+    # the same as the product followed by add_lowrank, up to rounding (each rounds the sum differently)
+    apart = F.add_lowrank(F.linear(x, qw, bias, a8), x, down, up)
+    assert rel_err(y, apart.double().cpu()) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    torch.testing.assert_close(F.linear(x, qw, bias, a8, (down, up)), y, rtol=0, atol=0)  # float32 branch
+    assert torch.equal(F.linear(x, qw, bias, a8, (down[:0], up[:, :0])), F.linear(x, qw, bias, a8))
+    with pytest.raises(ValueError, match="down must be"):
+        F.linear(x, qw, bias, a8, (down[:, 1:], up))
+
+
+@pytest.mark.parametrize("fmt,group,sym,a8", CASES)
 def test_linear_flux_like_shape_and_leading_dims(device, fmt, group, sym, a8):
     gen = torch.Generator().manual_seed(5)
     qw, bias = make(fmt, group, sym, 96, 3072 // 4, device, gen, torch.bfloat16)

@@ -97,8 +97,8 @@ class CalibrationSettings:
     scale_lr: float = 2e-3
     lowrank_lr: float = 3e-4
     # rank of the bf16 branch on ternary layers (0: none). Testbed, 1200 held-out prompts: none 80.8%, 16 83.1%,
-    # 32 86.7% against 89.4% (bench/results/quality_lowrank_h200.md); on FLUX.1-dev it adds 306 MB and ~11% to
-    # an eager W1.58A16 step at rank 16 or 32 alike (flux_e2e_branch_h200.md)
+    # 32 86.7% against 89.4% (bench/results/quality_lowrank_h200.md); on FLUX.1-dev it adds 306 MB and ~6% to
+    # an eager W1.58A16 step (flux_e2e_branch_fused_h200.md; rank 16 cost the same, flux_e2e_branch_h200.md)
     lowrank: int = 32
     # distil the quantized linears' biases too (both stages). Testbed, rank 32, two held-out sets of 1200 prompts
     # pooled: 86.5% against 86.2% without, counting 68.3 against 65.3 (full precision 89.1 / 72.8;

@@ -180,35 +180,46 @@ def _linear_op(
     fmt: int,
     group_size: int,
     act_int8: bool,
+    down: Optional[torch.Tensor],
+    up: Optional[torch.Tensor],
 ) -> torch.Tensor:
     qw = _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8)
     k, n = qw.in_features, qw.out_features
     x2 = x.reshape(-1, k)  # a view where it can be: the FP8 path reads strided rows in place
     m = x2.shape[0]
     dev = x.device
+    y = None
     if dev.type == "cuda" and _use_fp8(qw.fmt, group_size, act_int8, m, dev):
         y = _linear_fp8(x2, qweight, scale, bias)
-        if y is not None:
-            return y.reshape(*x.shape[:-1], n)
-    x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
-    dt = DTYPE_CODES[x.dtype]
+    if y is None:
+        x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
+        y = _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up)
+    elif down is not None:
+        y = _add_lowrank(y, x2, down, up)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up) -> torch.Tensor:
+    """[M, N] from contiguous x2 [M, K] by bitkernel's kernels (or cuBLAS on the expanded weights), branch added."""
+    m, k, n = x2.shape[0], qw.in_features, qw.out_features
+    dev = x2.device
+    dt = DTYPE_CODES[x2.dtype]
     # The arguments every product kernel takes first (C++ order: x, then the weight, then the bias).
     common = (fmt, _ptr(x2), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, _ptr(bias))
     if dev.type != "cuda":
         if m >= CPU_DENSE_M and not act_int8:
             # Compute-bound on the CPU too: expand the weights once and let torch's BLAS multiply.
             w = dequantize(qw)
-            y = torch.nn.functional.linear(x2.float(), w, None if bias is None else bias.float())
-            return y.to(x.dtype).reshape(*x.shape[:-1], n)
-        y = torch.empty(m, n, dtype=x.dtype, device=dev)
-        C.linear_cpu(*common, act_int8, _ptr(y))
-        return y.reshape(*x.shape[:-1], n)
+            y = torch.nn.functional.linear(x2.float(), w, None if bias is None else bias.float()).to(x2.dtype)
+        else:
+            y = torch.empty(m, n, dtype=x2.dtype, device=dev)
+            C.linear_cpu(*common, act_int8, _ptr(y))
+        return y if down is None else _add_lowrank(y, x2, down, up)
     lib = require_cuda()
     with torch.cuda.device(dev):
         stream = _stream(dev)
         small = 0 < m <= SMALL_M  # memory-bound: the packed weights are streamed once
-        # The kernels write into y; the dense path gets its output from cuBLAS (no unused [M, N] buffer).
-        y = torch.empty(m, n, dtype=x.dtype, device=dev) if act_int8 or small else None
+        y = torch.empty(m, n, dtype=x2.dtype, device=dev) if act_int8 or small else None
         if act_int8:
             xq = torch.empty(m, _round_up(k, 64), dtype=torch.int8, device=dev)
             xs = torch.empty(m, dtype=torch.float32, device=dev)
@@ -221,14 +232,20 @@ def _linear_op(
         elif small and m <= lib.GEMV_MAX_M:
             lib.gemv_cuda(*common, _ptr(y), stream)  # formats and shapes the tensor-core kernel does not take
         else:  # compute-bound: expand the weights to 16 bits for cuBLAS
-            w = torch.empty(n, k, dtype=x.dtype, device=dev)
+            w = torch.empty(n, k, dtype=x2.dtype, device=dev)
             lib.dequantize_cuda(fmt, _ptr(qweight), _ptr(scale), _ptr(zero), n, k, group_size, _ptr(w), dt, stream)
-            y = torch.nn.functional.linear(x2, w, bias)
-    return y.reshape(*x.shape[:-1], n)
+            if down is None:
+                return torch.nn.functional.linear(x2, w, bias)
+            # The branch's product is written first and cuBLAS adds the main product onto it in its epilogue
+            # (beta = 1): one more pass over [M, N] instead of the three of a separate sum.
+            t = torch.nn.functional.linear(x2, down)
+            y = torch.mm(t, up.t()) if bias is None else torch.addmm(bias, t, up.t())
+            return y.addmm_(x2, w.t())
+    return y if down is None else _add_lowrank(y, x2, down, up)
 
 
 @_linear_op.register_fake
-def _linear_fake(x, qweight, scale, zero, bias, fmt, group_size, act_int8):
+def _linear_fake(x, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -438,7 +455,9 @@ def _linear_fp8(
         y = y.to(x2.dtype)
     if bias is not None and not fuse_bias:
         y = y + bias
-    return y
+    # Where N was padded and nothing above copied, y is a strided view: the op's output must be contiguous,
+    # as its fake implementation says (torch.compile plans with those strides).
+    return y.contiguous()
 
 
 def linear(
@@ -446,8 +465,14 @@ def linear(
     qw: QuantizedWeight,
     bias: Optional[torch.Tensor] = None,
     act_int8: bool = False,
+    lowrank: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for x [..., K] in float16 or bfloat16 (float32 too on CPU).
+    """y = x @ W.T (+ bias) (+ (x @ down.T) @ up.T) for x [..., K] in float16 or bfloat16 (float32 too on CPU).
+
+    `lowrank` = (down [R, K], up [N, R]) is the layer's side branch (quality adapters, user LoRAs), computed
+    in x's dtype on x's device (converted if not). Inside the op it costs less than `add_lowrank` after it:
+    above SMALL_M rows with 16-bit activations cuBLAS adds the main product onto the branch's in its
+    epilogue, so [M, N] is written once more instead of written, read and written again.
 
     `act_int8` quantizes each row of x to 8 bits inside the op (W8A8, W1.58A8);
     it needs ternary or int8 weights with one scale per row. x may be
@@ -471,7 +496,25 @@ def linear(
     `_scaled_mm` refuses the call (too old a torch for this GPU), the op warns once
     and runs the int8 kernel on that device.
     """
-    return _linear_op(x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8)
+    down = up = None
+    if lowrank is not None:
+        down, up = lowrank
+        _check_lowrank("bitkernel.linear", down, up, qw.in_features, qw.out_features)
+        if up.shape[1] == 0:
+            down = up = None
+        else:
+            down, up = (t.to(x.device, x.dtype, non_blocking=x.device.type == "cuda") for t in (down, up))
+    return _linear_op(
+        x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8, down, up
+    )
+
+
+def _check_lowrank(what: str, down: torch.Tensor, up: torch.Tensor, k: int, n: int) -> None:
+    if down.dim() != 2 or up.dim() != 2 or down.shape != (up.shape[1], k) or up.shape[0] != n:
+        raise ValueError(
+            f"{what}: low-rank branch down {tuple(down.shape)} / up {tuple(up.shape)} does not fit x [..., {k}] "
+            f"-> y [..., {n}]: down must be [R, K] and up [N, R]"
+        )
 
 
 def add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -482,19 +525,17 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
     (beta = 1): [M, N] is read and written once, where a separate product and sum pass over it three
     times (the branch's whole cost at large M), and the sum is rounded once (cuBLAS fp16: within a few ulps). A new
     tensor: y may be a view autograd forbids changing in place (ComfyUI's low-VRAM path makes such views).
+    `linear(..., lowrank=(down, up))` does the same inside the product, for less.
     """
-    n, r = up.shape
-    if down.dim() != 2 or down.shape != (r, x.shape[-1]) or n != y.shape[-1]:
-        raise ValueError(
-            f"low-rank branch down {tuple(down.shape)} / up {tuple(up.shape)} does not fit x [..., {x.shape[-1]}] "
-            f"-> y [..., {y.shape[-1]}]: down must be [R, K] and up [N, R]"
-        )
-    if r == 0:
+    _check_lowrank("bitkernel.add_lowrank", down, up, x.shape[-1], y.shape[-1])
+    if up.shape[1] == 0:
         return y.clone()
+    # non_blocking only towards a GPU: a copy to the CPU must be complete before it is read
+    down, up = (t.to(y.device, y.dtype, non_blocking=y.device.type == "cuda") for t in (down, up))
+    return _add_lowrank(y, x.to(y.device, y.dtype, non_blocking=y.device.type == "cuda"), down, up)
 
-    def on_y(t: torch.Tensor) -> torch.Tensor:
-        # non_blocking only towards a GPU: a copy to the CPU must be complete before it is read
-        return t.to(y.device, y.dtype, non_blocking=y.device.type == "cuda")
 
-    t = torch.nn.functional.linear(on_y(x), on_y(down)).reshape(-1, r)
-    return torch.addmm(y.reshape(-1, n), t, on_y(up).t()).reshape(y.shape)
+def _add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    n, r = up.shape
+    t = torch.nn.functional.linear(x, down).reshape(-1, r)
+    return torch.addmm(y.reshape(-1, n), t, up.t()).reshape(y.shape)

@@ -142,10 +142,8 @@ class QuantLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        y = F.linear(x, self.quantized, bias, self.act_int8)
-        if self.lora_down is not None:
-            y = F.add_lowrank(y, x, self.lora_down, self.lora_up)
-        return y
+        lowrank = None if self.lora_down is None else (self.lora_down, self.lora_up)
+        return F.linear(x, self.quantized, bias, self.act_int8, lowrank)
 
     def extra_repr(self) -> str:
         parts = [
