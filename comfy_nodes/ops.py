@@ -46,7 +46,8 @@ _KERNEL_DTYPES_CUDA = (torch.float16, torch.bfloat16)
 def _on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     if t is None or t.device == device:
         return t
-    return t.to(device, non_blocking=True)
+    # non_blocking only towards a GPU: a copy to the CPU must be complete before it is read
+    return t.to(device, non_blocking=device.type == "cuda")
 
 
 class PackedLinearMixin:

@@ -98,6 +98,26 @@ def test_low_rank_branch_adds_and_removes_exactly(device):
     assert torch.equal(q(x), base)
 
 
+@pytest.mark.parametrize("m", [3, 40])
+def test_a_trainable_branch_gets_its_gradients(device, m):
+    """The op has no autograd formula: a branch that requires grad runs after it, as torch ops."""
+    torch.manual_seed(m)
+    q = TernaryLinear.from_linear(torch.nn.Linear(128, 32).to(device, torch.bfloat16))
+    down = (torch.randn(4, 128) * 0.1).to(device, torch.bfloat16).requires_grad_()
+    up = (torch.randn(32, 4) * 0.1).to(device, torch.bfloat16).requires_grad_()
+    q.set_lora(down, up)
+    x = torch.randn(m, 128, device=device, dtype=torch.bfloat16)
+    w = torch.randn(m, 32, device=device)
+    (q(x).float() * w).sum().backward()
+    d2, u2 = down.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    ((x @ d2.T @ u2.T).float() * w).sum().backward()
+    torch.testing.assert_close(q.lora_down.grad, d2.grad)
+    torch.testing.assert_close(q.lora_up.grad, u2.grad)
+    with torch.no_grad():  # without grad the branch runs inside the op again: the same values
+        apart = F.add_lowrank(F.linear(x, q.quantized, q.bias), x, down, up)
+        torch.testing.assert_close(q(x), apart, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 7, 33, 512])
 def test_add_lowrank_rounds_once_against_float32(device, dtype, m):

@@ -819,6 +819,16 @@ def test_state_folder_is_reused_only_with_the_same_settings(tiny, tmp_path, monk
     assert os.path.isdir(state)
 
 
+def test_refusal_names_the_flag_that_continues_a_run_from_before_trained_biases():
+    from converter.calibration.state import _differences
+
+    older = {"lowrank": 32, "prompts": 4}  # a key from before train_bias existed (it was off)
+    msg = _differences(older, {**older, "train_bias": True, "bias_lr": 1e-3})
+    assert "train_bias: saved None, now True" in msg and "continues with --no-train-bias" in msg
+    assert "--no-train-bias" not in _differences({**older, "train_bias": True}, {**older, "train_bias": True,
+                                                                                  "prompts": 3})
+
+
 def test_state_of_another_checkpoint_with_the_same_name_is_refused(tiny, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

@@ -57,6 +57,8 @@ def _differences(saved: Any, now: dict[str, Any]) -> str:
     names = {"source": "the checkpoint file", "conditioning": "the conditioning file"}
     out = [names.get(k) or f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if "train_bias" not in saved and now.get("train_bias"):  # keys of runs before trained biases were the default
+        out.append("a run from before biases were trained by default continues with --no-train-bias")
     return "; ".join(out)
 
 

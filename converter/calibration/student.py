@@ -158,7 +158,7 @@ class StudentLinear(nn.Module):
         dtype = x.dtype  # the block's compute dtype; the trained parameters stay float32
         bias = None if self.bias is None else self.bias.to(dtype)
         y = F.linear(fake_quant_act(x, self.act_rounding) if self.act_rounding else x, self.weight(dtype), bias)
-        if self.down is not None:  # rounded as bitkernel rounds it where the file runs
+        if self.down is not None:  # in the compute dtype, as bitkernel runs it (its rounding order may differ)
             y = BF.add_lowrank(y, x, self.down, self.up)
         return y
 

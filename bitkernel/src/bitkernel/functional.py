@@ -500,6 +500,11 @@ def linear(
     if lowrank is not None:
         down, up = lowrank
         _check_lowrank("bitkernel.linear", down, up, qw.in_features, qw.out_features)
+        if torch.is_grad_enabled() and (down.requires_grad or up.requires_grad):
+            # The op has no autograd formula: a branch being trained runs as torch ops after it.
+            y = _linear_op(x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8,
+                           None, None)
+            return add_lowrank(y, x, down, up)
         if up.shape[1] == 0:
             down = up = None
         else:
