@@ -188,19 +188,22 @@ def _linear_op(
     x2 = x.reshape(-1, k)  # a view where it can be: the FP8 path reads strided rows in place
     m = x2.shape[0]
     dev = x.device
-    y = None
+    y, fused = None, False
     if dev.type == "cuda" and _use_fp8(qw.fmt, group_size, act_int8, m, dev):
         y = _linear_fp8(x2, qweight, scale, bias)
     if y is None:
         x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
-        y = _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up)
-    elif down is not None:
+        y, fused = _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up)
+    if down is not None and not fused:
         y = _add_lowrank(y, x2, down, up)
     return y.reshape(*x.shape[:-1], n)
 
 
-def _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up) -> torch.Tensor:
-    """[M, N] from contiguous x2 [M, K] by bitkernel's kernels (or cuBLAS on the expanded weights), branch added."""
+def _linear_kernels(
+    x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up
+) -> tuple[torch.Tensor, bool]:
+    """([M, N], whether the branch is in it) from contiguous x2 [M, K] by bitkernel's kernels, or by cuBLAS on
+    the expanded weights, which takes the branch in the same GEMM."""
     m, k, n = x2.shape[0], qw.in_features, qw.out_features
     dev = x2.device
     dt = DTYPE_CODES[x2.dtype]
@@ -214,7 +217,7 @@ def _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int
         else:
             y = torch.empty(m, n, dtype=x2.dtype, device=dev)
             C.linear_cpu(*common, act_int8, _ptr(y))
-        return y if down is None else _add_lowrank(y, x2, down, up)
+        return y, False
     lib = require_cuda()
     with torch.cuda.device(dev):
         stream = _stream(dev)
@@ -235,13 +238,13 @@ def _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int
             w = torch.empty(n, k, dtype=x2.dtype, device=dev)
             lib.dequantize_cuda(fmt, _ptr(qweight), _ptr(scale), _ptr(zero), n, k, group_size, _ptr(w), dt, stream)
             if down is None:
-                return torch.nn.functional.linear(x2, w, bias)
+                return torch.nn.functional.linear(x2, w, bias), False
             # The branch's product is written first and cuBLAS adds the main product onto it in its epilogue
             # (beta = 1): one more pass over [M, N] instead of the three of a separate sum.
             t = torch.nn.functional.linear(x2, down)
             y = torch.mm(t, up.t()) if bias is None else torch.addmm(bias, t, up.t())
-            return y.addmm_(x2, w.t())
-    return y if down is None else _add_lowrank(y, x2, down, up)
+            return y.addmm_(x2, w.t()), True
+    return y, False
 
 
 @_linear_op.register_fake
@@ -496,22 +499,23 @@ def linear(
     `_scaled_mm` refuses the call (too old a torch for this GPU), the op warns once
     and runs the int8 kernel on that device.
     """
-    down = up = None
+    inside = after = None  # the branch inside the op, or after it
     if lowrank is not None:
-        down, up = lowrank
-        _check_lowrank("bitkernel.linear", down, up, qw.in_features, qw.out_features)
-        if torch.is_grad_enabled() and (down.requires_grad or up.requires_grad):
-            # The op has no autograd formula: a branch being trained runs as torch ops after it.
-            y = _linear_op(x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8,
-                           None, None)
-            return add_lowrank(y, x, down, up)
-        if up.shape[1] == 0:
-            down = up = None
-        else:
-            down, up = (t.to(x.device, x.dtype, non_blocking=x.device.type == "cuda") for t in (down, up))
-    return _linear_op(
-        x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8, down, up
+        _check_lowrank("bitkernel.linear", *lowrank, qw.in_features, qw.out_features)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in lowrank):
+            after = lowrank  # the op has no autograd formula: a branch being trained runs as torch ops
+        elif lowrank[1].shape[1]:
+            inside = tuple(_like(t, x) for t in lowrank)
+    y = _linear_op(
+        x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8, *(inside or (None, None))
     )
+    return y if after is None else add_lowrank(y, x, *after)
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t on ref's device in ref's dtype; non_blocking only towards a GPU (a copy to the CPU must be complete
+    before it is read)."""
+    return t.to(ref.device, ref.dtype, non_blocking=ref.device.type == "cuda")
 
 
 def _check_lowrank(what: str, down: torch.Tensor, up: torch.Tensor, k: int, n: int) -> None:
@@ -535,9 +539,7 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
     _check_lowrank("bitkernel.add_lowrank", down, up, x.shape[-1], y.shape[-1])
     if up.shape[1] == 0:
         return y.clone()
-    # non_blocking only towards a GPU: a copy to the CPU must be complete before it is read
-    down, up = (t.to(y.device, y.dtype, non_blocking=y.device.type == "cuda") for t in (down, up))
-    return _add_lowrank(y, x.to(y.device, y.dtype, non_blocking=y.device.type == "cuda"), down, up)
+    return _add_lowrank(y, _like(x, y), _like(down, y), _like(up, y))
 
 
 def _add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
