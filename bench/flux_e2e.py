@@ -121,6 +121,48 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+# ---------------------------------------------------------------------------------------- profile
+
+# (category, substrings of a GPU kernel's lower-cased name), first match wins: bitkernel's own kernels
+# first (their names are ours), then attention before GEMMs (flash kernels' names hold "gemm" too).
+KERNEL_CATEGORIES = (
+    ("weight expansion", ("ternary_to_fp8", "dequantize")),
+    ("activation quant", ("quantize_rows_fp8", "quantize_act")),
+    ("small-M kernels", ("gemv",)),
+    ("int8 GEMM", ("gemm_s8",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "f8f8bf16")),
+)
+OTHER = "other (norms, RoPE, elementwise, copies)"
+
+
+def kernel_category(name: str) -> str:
+    """Which part of the step a GPU kernel is, from its name."""
+    low = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), OTHER)
+
+
+def profile_step(forward: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """GPU time of one call by kernel category (ms), with the five largest kernels of the 'other' part."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        _sync(device)
+    cats: dict[str, float] = {}
+    other: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = e.time_range.elapsed_us() / 1e3
+        cat = kernel_category(e.name)
+        cats[cat] = cats.get(cat, 0.0) + ms
+        if cat == OTHER:
+            other[e.name] = other.get(e.name, 0.0) + ms
+    top = sorted(other.items(), key=lambda kv: -kv[1])[:5]
+    return {"ms": cats, "top_other": [[name[:90], ms] for name, ms in top]}
+
+
 # ---------------------------------------------------------------------------------------- weights
 
 
@@ -417,7 +459,7 @@ def _check_branches(path: str, variant: str, arch: Architecture, model: nn.Modul
 
 def run_variant(
     path: str, variant: str, mode: str, arch: Architecture, x: Inputs, steps: int, device: torch.device,
-    dtype: torch.dtype,
+    dtype: torch.dtype, profile: bool = False,
 ) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     cuda = device.type == "cuda"
     row: dict[str, Any] = {"mode": mode, "path": path, "variant": variant}
@@ -467,6 +509,8 @@ def run_variant(
                     times.append((time.perf_counter() - t0) * 1e3)
             row["ms"] = statistics.median(times)
             row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GIB if cuda else None
+            if profile and cuda:  # after the timing, which the profiler would slow
+                row["profile"] = profile_step(built.forward, device)
             tokens = built.tokens(out).detach().float().cpu()
         row["finite"] = bool(torch.isfinite(tokens).all())
         if not row["finite"]:
@@ -616,10 +660,33 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, 
                     "the low-rank branch):", ""]
         for d in effect:
             out.append(f"- {d['mode']} {d['path']}: {d['variant']} vs {d['ref']}: {d['rel']:.2e}")
+    out += profile_report(rows)
     all_notes = list(dict.fromkeys([n for r in rows for n in r.get("notes", [])] + notes))
     if all_notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in all_notes]
     return "\n".join(out) + "\n"
+
+
+def profile_report(rows: list[dict[str, Any]]) -> list[str]:
+    """--profile's section: one row per profiled call, GPU ms per kernel category (they sum to the GPU busy
+    time, below the wall time when the host does not keep the GPU fed)."""
+    prof = [r for r in rows if "profile" in r]
+    if not prof:
+        return []
+    cats = [c for c, _ in KERNEL_CATEGORIES] + [OTHER]
+    cats = [c for c in cats if any(c in r["profile"]["ms"] for r in prof)]
+    table = []
+    for r in prof:
+        ms = r["profile"]["ms"]
+        table.append([r["mode"], r["path"], r["variant"], f"{r['ms']:.1f}", f"{sum(ms.values()):.1f}"]
+                     + [f"{ms[c]:.1f}" if c in ms else "" for c in cats])
+    out = ["", "## GPU time by kernel category (--profile: one call under torch.profiler, ms)", "",
+           markdown_table(["mode", "path", "variant", "step ms (timed)", "GPU busy"] + cats, table), "",
+           "Largest kernels in the 'other' part:", ""]
+    for r in prof:
+        top = ", ".join(f"{name} {ms:.1f}" for name, ms in r["profile"]["top_other"])
+        out.append(f"- {r['mode']} {r['path']} {r['variant']}: {top}")
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -634,6 +701,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="16-bit tensors and activations")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no variant after this many seconds (default 420; none with --tiny)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call per variant: GPU time by kernel category (CUDA only)")
     ap.add_argument("--out", help="also write the report to this Markdown file (rewritten after every variant)")
     ap.add_argument("--json", help="also write the rows, agreement and notes to this JSON file")
     args = ap.parse_args(argv)
@@ -681,7 +750,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     notes.append(msg)
                     log("NOTE: " + msg)
                     continue
-                row, tokens = run_variant(path, variant, mode, arch, x, args.steps, device, dtype)
+                row, tokens = run_variant(path, variant, mode, arch, x, args.steps, device, dtype, args.profile)
                 rows.append(row)
                 if tokens is not None:
                     outputs[(mode, path, variant)] = tokens

@@ -12,7 +12,8 @@ kernel instead); the "fp8 cuBLAS" column is its ceiling: torch._scaled_mm alone
 on operands already in e4m3 (row-wise scales, bf16 out), without the per-call
 activation quantization and weight expansion. "W1.58A16 expansion" is the
 2-bit to bf16 expansion alone that W1.58A16 runs before cuBLAS above M = 16, as
-a share of the bf16 time.
+a share of the bf16 time. "W1.58A16+r32" runs the op with a rank-32 low-rank
+branch (bf16), as a converted file with the converter's default calibration has.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ FP8_CEILING = "fp8 cuBLAS"
 # Above the small-M kernels W1.58A16 expands the weights to bf16 for cuBLAS: the expansion alone, to show
 # how much of the gap to bf16 it is.
 DECODE = "W1.58A16 expansion"
+# W1.58A16 with a rank-32 low-rank branch (the converter's default --calibrate adds one to every ternary layer).
+BRANCH_RANK = 32
+BRANCH = f"W1.58A16+r{BRANCH_RANK}"
 CALLS_PER_GRAPH = 20
 L2_FLUSH_BYTES = 256 << 20
 
@@ -102,14 +106,24 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
         if name == "W1.58A8":
             res[FP8_CEILING] = fp8_ceiling(x, qw)
         if name == "W1.58A16":
-            res[DECODE] = (
-                time_graph([lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]) if m > F.SMALL_M
-                else float("nan")
-            )
+            res.update(branch_times(x, qws, gen))
         del qws
     del ws
     torch.cuda.empty_cache()
     return res
+
+
+def branch_times(x: torch.Tensor, qws: list[F.QuantizedWeight], gen: torch.Generator) -> dict[str, float]:
+    """W1.58A16: the expansion alone (above the small-M kernels) and the op with a rank-32 branch."""
+    m, k, n = x.shape[0], qws[0].in_features, qws[0].out_features
+    big = m > F.SMALL_M
+    lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=x.dtype, generator=gen) * 0.02,
+          torch.randn(n, BRANCH_RANK, device="cuda", dtype=x.dtype, generator=gen) * 0.02)
+    nan = float("nan")
+    return {
+        DECODE: time_graph([lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]) if big else nan,
+        BRANCH: time_graph([lambda q=q_: F.linear(x, q, None, False, lr) for q_ in qws]),
+    }
 
 
 def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> float:
@@ -156,7 +170,7 @@ def main() -> None:
         f"(archs {info['cuda_archs']}) | W1.58A8 FP8 path {'on' if F.FP8 else 'off'}\n\n"
     )
     names = [v[0] for v in variants] + ([FP8_CEILING] if "W1.58A8" in args.formats else [])
-    names += [DECODE] if "W1.58A16" in args.formats else []
+    names += [DECODE, BRANCH] if "W1.58A16" in args.formats else []
     cols = ["bf16 ms"] + [f"{name} ms (x)" for name in names]
     lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for label, n, k in SHAPES:

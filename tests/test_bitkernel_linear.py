@@ -142,13 +142,13 @@ def test_float32_on_cpu_and_empty_batch():
     assert F.linear(torch.randn(0, 64), qw, bias).shape == (0, 33)
 
 
-@pytest.mark.parametrize("fmt,group,sym,a8", [c for c in CASES if not c[3]])
+@pytest.mark.parametrize("fmt,group,sym,a8", [c for c in CASES if not c[3] or c[0] == "ternary"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k", [(1, 64), (2, 576), (3, 576), (4, 1344), (7, 576), (8, 1344), (9, 576), (16, 576),
                                  (1, 2880), (16, 2880)])
 def test_linear_small_m_aligned_shapes(device, fmt, group, sym, a8, dtype, m, k):
     # K a multiple of 64 and M <= 16: the shapes the CUDA tensor-core small-M kernel takes (odd N,
-    # a partial last scale group, fewer 64-k chunks than warps).
+    # a partial last scale group, fewer 64-k chunks than warps); W1.58A8 runs it on the int8 codes.
     gen = torch.Generator().manual_seed(m * 7 + k)
     qw, bias = make(fmt, group, sym, 131, k, device, gen, dtype)
     x = torch.randn(m, k, generator=gen).to(device, dtype)
@@ -200,3 +200,19 @@ def test_ternary_small_m_chain_reads_the_previous_layers_output(device, graph, m
     for qw, x, y in zip(layers, [x0] + outs[:-1], outs):
         ref = ref_linear(x, qw.fmt, qw.qweight.cpu(), qw.scale.cpu(), None, qw.group_size)
         assert rel_err(y, ref) < 2e-2
+
+
+@pytest.mark.parametrize("fmt,group,sym,a8", CASES)
+@pytest.mark.parametrize("m", [1, 33])
+def test_eager_call_is_the_op(device, fmt, group, sym, a8, m):
+    """Eagerly, linear() runs the op's implementation without the custom-op dispatch (host time): bit for bit
+    what the registered op bitkernel::linear computes, with and without a branch."""
+    gen = torch.Generator().manual_seed(m + len(fmt))
+    qw, bias = make(fmt, group, sym, 131, 4 * 75, device, gen, torch.bfloat16)
+    x = torch.randn(m, 4 * 75, generator=gen).to(device, torch.bfloat16)
+    lr = ((torch.randn(4, 300, generator=gen) * 0.1).to(device, torch.bfloat16),
+          (torch.randn(131, 4, generator=gen) * 0.1).to(device, torch.bfloat16))
+    for branch in (None, lr):
+        op = torch.ops.bitkernel.linear(x, qw.qweight, qw.scale, qw.zero, bias, F.FORMAT_CODES[fmt], group, a8,
+                                        *(branch or (None, None)))
+        assert torch.equal(F.linear(x, qw, bias, a8, branch), op)

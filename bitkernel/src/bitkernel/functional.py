@@ -2,7 +2,9 @@
 
 `linear` is the torch custom op `bitkernel::linear` (with a fake implementation,
 so it traces under torch.compile and can be captured in CUDA graphs: it never
-synchronises and allocates only through torch).
+synchronises and allocates only through torch). Eagerly, on plain tensors that
+need no gradient, `linear` calls the op's implementation without the custom-op
+dispatch, whose host time (~10 us a call) a FLUX step pays ~500 times.
 
 W1.58A8 on sm_89+ (Ada, Hopper and newer) with at least FP8_MIN_M rows runs as
 an FP8 e4m3 GEMM (`torch._scaled_mm` with row-wise scales): ternary weights are
@@ -14,6 +16,7 @@ The activations then carry e4m3's 3 mantissa bits instead of int8's 7 (see
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -59,7 +62,19 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return _raw_stream(device.index)
+
+
+# The current stream's handle: torch's private getter (what inductor's generated code calls) is ~10x cheaper
+# in host time than the public one, and the op asks for it on every call.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
+
+
+def _on(dev: torch.device) -> contextlib.AbstractContextManager:
+    """torch.cuda.device(dev), or nothing where dev is already current (the switch costs host time)."""
+    return contextlib.nullcontext() if dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
 
 
 def quantize(
@@ -120,7 +135,16 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
         raise ValueError(f"dequantize gives float16, bfloat16 or float32, not {dtype}")
     dev = qw.qweight.device
     out = torch.empty(qw.out_features, qw.in_features, dtype=dtype, device=dev)
-    args = (
+    if dev.type == "cuda":
+        with _on(dev):
+            require_cuda().dequantize_cuda(*_dequantize_args(qw, out), _stream(dev))
+    else:
+        C.dequantize_cpu(*_dequantize_args(qw, out))
+    return out
+
+
+def _dequantize_args(qw: QuantizedWeight, out: torch.Tensor) -> tuple:
+    return (
         FORMAT_CODES[qw.fmt],
         _ptr(qw.qweight),
         _ptr(qw.scale),
@@ -129,14 +153,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
         qw.in_features,
         qw.group_size,
         _ptr(out),
-        DTYPE_CODES[dtype],
+        DTYPE_CODES[out.dtype],
     )
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            require_cuda().dequantize_cuda(*args, _stream(dev))
-    else:
-        C.dequantize_cpu(*args)
-    return out
 
 
 def _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8) -> QuantizedWeight:
@@ -170,8 +188,7 @@ def _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8) -> Q
     return qw
 
 
-@torch.library.custom_op("bitkernel::linear", mutates_args=())
-def _linear_op(
+def _linear_impl(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scale: torch.Tensor,
@@ -185,6 +202,8 @@ def _linear_op(
 ) -> torch.Tensor:
     qw = _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8)
     k, n = qw.in_features, qw.out_features
+    if down is not None:  # the kernels read the branch in x's dtype
+        down, up = _like(down, x), _like(up, x)
     x2 = x.reshape(-1, k)  # a view where it can be: the FP8 path reads strided rows in place
     m = x2.shape[0]
     dev = x.device
@@ -195,8 +214,11 @@ def _linear_op(
         x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
         y, fused = _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up)
     if down is not None and not fused:
-        y = _add_lowrank(y, x2, down, up)
+        y = _add_lowrank(y, x2, down, up, inplace=True)  # y is the op's own, contiguous
     return y.reshape(*x.shape[:-1], n)
+
+
+_linear_op = torch.library.custom_op("bitkernel::linear", _linear_impl, mutates_args=())
 
 
 def _linear_kernels(
@@ -219,7 +241,7 @@ def _linear_kernels(
             C.linear_cpu(*common, act_int8, _ptr(y))
         return y, False
     lib = require_cuda()
-    with torch.cuda.device(dev):
+    with _on(dev):
         stream = _stream(dev)
         small = 0 < m <= SMALL_M  # memory-bound: the packed weights are streamed once
         y = torch.empty(m, n, dtype=x2.dtype, device=dev) if act_int8 or small else None
@@ -227,20 +249,33 @@ def _linear_kernels(
             xq = torch.empty(m, _round_up(k, 64), dtype=torch.int8, device=dev)
             xs = torch.empty(m, dtype=torch.float32, device=dev)
             lib.quantize_act_cuda(_ptr(x2), dt, m, k, _ptr(xq), _ptr(xs), stream)
-            lib.gemm_s8_cuda(
-                fmt, _ptr(xq), _ptr(xs), m, k, _ptr(qweight), _ptr(scale), n, _ptr(bias), dt, _ptr(y), stream
-            )
+            # Few rows are bound by reading the weights: the 16-bit small-M kernel on the int8 codes (exact in
+            # fp16 and bf16, and so are their sums with ternary weights: fp32, |sum| <= 127 K) is several times
+            # faster than the int8 GEMM's tiles, and scaling by the token's scale after it gives the same
+            # product (rounded twice instead of once).
+            xi = xq[:, :k].to(x2.dtype).contiguous() if small and qw.fmt == "ternary" else None
+            if xi is not None and lib.gemv_tc_cuda(
+                fmt, _ptr(xi), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, 0, _ptr(y), stream
+            ):
+                y.mul_(xs.unsqueeze(1))
+                if bias is not None:
+                    y.add_(bias)
+            else:
+                lib.gemm_s8_cuda(
+                    fmt, _ptr(xq), _ptr(xs), m, k, _ptr(qweight), _ptr(scale), n, _ptr(bias), dt, _ptr(y), stream
+                )
         elif small and lib.gemv_tc_cuda(*common, _ptr(y), stream):
             pass  # into tensor cores
         elif small and m <= lib.GEMV_MAX_M:
             lib.gemv_cuda(*common, _ptr(y), stream)  # formats and shapes the tensor-core kernel does not take
         else:  # compute-bound: expand the weights to 16 bits for cuBLAS
             w = torch.empty(n, k, dtype=x2.dtype, device=dev)
-            lib.dequantize_cuda(fmt, _ptr(qweight), _ptr(scale), _ptr(zero), n, k, group_size, _ptr(w), dt, stream)
+            lib.dequantize_cuda(*_dequantize_args(qw, w), stream)
             if down is None:
                 return torch.nn.functional.linear(x2, w, bias), False
             # The branch's product is written first and cuBLAS adds the main product onto it in its epilogue
-            # (beta = 1): one more pass over [M, N] instead of the three of a separate sum.
+            # (beta = 1): one more pass over [M, N] instead of the three of a separate sum. (Folding up @ down
+            # into the expanded weight instead was measured slower: bench/NOTES.md, session 9.)
             t = torch.nn.functional.linear(x2, down)
             y = torch.mm(t, up.t()) if bias is None else torch.addmm(bias, t, up.t())
             return y.addmm_(x2, w.t()), True
@@ -409,7 +444,7 @@ def _linear_fp8(
     n = qweight.shape[0]
     kp, np_ = _round_up(k, _FP8_ALIGN), _round_up(n, _FP8_ALIGN)
     lib = require_cuda()
-    with torch.cuda.device(dev):
+    with _on(dev):
         stream = _stream(dev)
         x8, sx = _quantize_rows_fp8(x2, kp, stream)
         # Expanded per call into a temporary (the caching allocator reuses the block), so the
@@ -506,7 +541,12 @@ def linear(
             after = lowrank  # the op has no autograd formula: a branch being trained runs as torch ops
         elif lowrank[1].shape[1]:
             inside = tuple(_like(t, x) for t in lowrank)
-    y = _linear_op(
+    # The op where something traces or differentiates it (torch.compile, fake tensors, autograd's error for
+    # a gradient through it); else its implementation directly.
+    direct = type(x) is torch.Tensor and not torch.compiler.is_compiling() and not (
+        x.requires_grad and torch.is_grad_enabled()
+    )
+    y = (_linear_impl if direct else _linear_op)(
         x, qw.qweight, qw.scale, qw.zero, bias, FORMAT_CODES[qw.fmt], qw.group_size, act_int8, *(inside or (None, None))
     )
     return y if after is None else add_lowrank(y, x, *after)
@@ -514,7 +554,9 @@ def linear(
 
 def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """t on ref's device in ref's dtype; non_blocking only towards a GPU (a copy to the CPU must be complete
-    before it is read)."""
+    before it is read). t itself where it already is (without the host time of a no-op `to`)."""
+    if t.dtype == ref.dtype and t.device == ref.device:
+        return t
     return t.to(ref.device, ref.dtype, non_blocking=ref.device.type == "cuda")
 
 
@@ -542,7 +584,11 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
     return _add_lowrank(y, _like(x, y), _like(down, y), _like(up, y))
 
 
-def _add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _add_lowrank(
+    y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
     n, r = up.shape
     t = torch.nn.functional.linear(x, down).reshape(-1, r)
-    return torch.addmm(y.reshape(-1, n), t, up.t()).reshape(y.shape)
+    y2 = y.reshape(-1, n)
+    # In place where the caller owns y: out of place, torch copies y into the result before the GEMM.
+    return (y2.addmm_(t, up.t()) if inplace else torch.addmm(y2, t, up.t())).reshape(y.shape)
