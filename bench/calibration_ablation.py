@@ -30,12 +30,17 @@ from converter import convert  # noqa: E402
 from converter.calibration.conditioning import save_conditioning  # noqa: E402
 from converter.calibration.engine import CalibrationSettings  # noqa: E402
 from testbed.bitflux import load_bitflux_flux  # noqa: E402
-from testbed.calibration_data import CPU_CALIBRATION, CPU_PROMPTS, testbed_conditioning  # noqa: E402
+from testbed.calibration_data import (  # noqa: E402
+    BEFORE_BRANCH_AND_BIAS,
+    CPU_CALIBRATION,
+    CPU_PROMPTS,
+    testbed_conditioning,
+)
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
 
-# the table was measured without a branch and with the checkpoint's biases, when those were the defaults
-AS_MEASURED = {"lowrank": 0, "train_bias": False}
+# the table was measured without a branch and with the checkpoint's biases (BEFORE_BRANCH_AND_BIAS), the
+# defaults then
 SCALES = {"learn_codes": False}  # what the first table's "base" was: codes frozen at GPTQ's rounding
 VARIANTS = {
     "default": {},  # the converter's defaults at the reduced settings as measured: GPTQ, scales and codes
@@ -71,7 +76,8 @@ def main() -> None:
             t0 = time.monotonic()
             out = os.path.join(tmp, f"{name}.safetensors")
             report = convert(os.path.join(args.weights, FLUX_FILE), out, progress=False, device=args.device,
-                             calibration=CalibrationSettings(cond, **CPU_CALIBRATION | AS_MEASURED | VARIANTS[name]))
+                             calibration=CalibrationSettings(
+                                 cond, **CPU_CALIBRATION | BEFORE_BRANCH_AND_BIAS | VARIANTS[name]))
             seconds = time.monotonic() - t0
             res = evaluate(load_bitflux_flux(out, args.device), te, n=args.n, device=args.device, steps=20,
                            guidance=3.5, seed=0)

@@ -61,6 +61,7 @@ on the values.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import importlib
@@ -149,18 +150,15 @@ def profile_step(forward: Callable[[], Any], device: torch.device) -> dict[str, 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         forward()
         _sync(device)
-    cats: dict[str, float] = {}
-    other: dict[str, float] = {}
+    per_kernel: collections.Counter[str] = collections.Counter()
     for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        ms = e.time_range.elapsed_us() / 1e3
-        cat = kernel_category(e.name)
-        cats[cat] = cats.get(cat, 0.0) + ms
-        if cat == OTHER:
-            other[e.name] = other.get(e.name, 0.0) + ms
-    top = sorted(other.items(), key=lambda kv: -kv[1])[:5]
-    return {"ms": cats, "top_other": [[name[:90], ms] for name, ms in top]}
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name] += e.time_range.elapsed_us() / 1e3
+    cats: collections.Counter[str] = collections.Counter()
+    for name, ms in per_kernel.items():
+        cats[kernel_category(name)] += ms
+    top = [(name, ms) for name, ms in per_kernel.most_common() if kernel_category(name) == OTHER][:5]
+    return {"ms": dict(cats), "top_other": [[name[:90], ms] for name, ms in top]}
 
 
 # ---------------------------------------------------------------------------------------- weights

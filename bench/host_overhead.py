@@ -14,6 +14,8 @@ import time
 from typing import Callable
 
 import torch
+from kernels import BRANCH_RANK  # bench/kernels.py: the converter's default --calibrate branch
+from report_table import markdown_table  # bench/ is on sys.path when this script runs
 
 import bitkernel.functional as F
 
@@ -25,9 +27,7 @@ def per_call_us(f: Callable[[], object], calls: int) -> float:
     t0 = time.perf_counter()
     for _ in range(calls):
         f()
-    host = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return 1e6 * host / calls
+    return 1e6 * (time.perf_counter() - t0) / calls
 
 
 def main() -> None:
@@ -41,23 +41,22 @@ def main() -> None:
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     b = torch.zeros(n, device="cuda", dtype=torch.bfloat16)
     qw = F.quantize(w, "ternary")
-    lr = (torch.randn(32, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02,
-          torch.randn(n, 32, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02)
+    lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02,
+          torch.randn(n, BRANCH_RANK, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02)
     rows = []
     with torch.inference_mode():
         for m in (1, 4608):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             base = per_call_us(lambda x=x: torch.nn.functional.linear(x, w, b), args.calls)
             rows.append((f"torch F.linear bf16, M = {m}", base, base))
-            for name, a8, branch in (("W1.58A16", False, None), ("W1.58A16+r32", False, lr),
-                                     ("W1.58A8", True, None), ("W1.58A8+r32", True, lr)):
+            for name, a8, branch in (("W1.58A16", False, None), (f"W1.58A16+r{BRANCH_RANK}", False, lr),
+                                     ("W1.58A8", True, None), (f"W1.58A8+r{BRANCH_RANK}", True, lr)):
                 us = per_call_us(lambda x=x, a8=a8, br=branch: F.linear(x, qw, b, a8, br), args.calls)
                 rows.append((f"bitkernel {name}, M = {m}", us, base))
     print(f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.calls} calls, K = N = {k}")
     print()
-    print("| call | host us per call | vs torch F.linear |\n|---|---|---|")
-    for name, us, base in rows:
-        print(f"| {name} | {us:.1f} | {us / base:.1f}x |")
+    print(markdown_table(["call", "host us per call", "vs torch F.linear"],
+                         [[name, f"{us:.1f}", f"{us / base:.1f}x"] for name, us, base in rows]))
 
 
 if __name__ == "__main__":

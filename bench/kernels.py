@@ -106,24 +106,17 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
         if name == "W1.58A8":
             res[FP8_CEILING] = fp8_ceiling(x, qw)
         if name == "W1.58A16":
-            res.update(branch_times(x, qws, gen))
+            res[DECODE] = (
+                time_graph([lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]) if m > F.SMALL_M
+                else float("nan")
+            )
+            lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=x.dtype, generator=gen) * 0.02,
+                  torch.randn(n, BRANCH_RANK, device="cuda", dtype=x.dtype, generator=gen) * 0.02)
+            res[BRANCH] = time_graph([lambda q=q_, lr=lr: F.linear(x, q, None, False, lr) for q_ in qws])
         del qws
     del ws
     torch.cuda.empty_cache()
     return res
-
-
-def branch_times(x: torch.Tensor, qws: list[F.QuantizedWeight], gen: torch.Generator) -> dict[str, float]:
-    """W1.58A16: the expansion alone (above the small-M kernels) and the op with a rank-32 branch."""
-    m, k, n = x.shape[0], qws[0].in_features, qws[0].out_features
-    big = m > F.SMALL_M
-    lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=x.dtype, generator=gen) * 0.02,
-          torch.randn(n, BRANCH_RANK, device="cuda", dtype=x.dtype, generator=gen) * 0.02)
-    nan = float("nan")
-    return {
-        DECODE: time_graph([lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]) if big else nan,
-        BRANCH: time_graph([lambda q=q_: F.linear(x, q, None, False, lr) for q_ in qws]),
-    }
 
 
 def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> float:

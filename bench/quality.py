@@ -34,7 +34,13 @@ from converter import convert  # noqa: E402
 from converter.calibration.conditioning import overlapping_prompts, save_conditioning  # noqa: E402
 from converter.calibration.engine import CalibrationSettings  # noqa: E402
 from testbed.bitflux import load_bitflux_flux  # noqa: E402
-from testbed.calibration_data import CPU_PROMPTS, GPU_PROMPTS, default_prompts, testbed_conditioning  # noqa: E402
+from testbed.calibration_data import (  # noqa: E402
+    BEFORE_BRANCH_AND_BIAS,
+    CPU_PROMPTS,
+    GPU_PROMPTS,
+    default_prompts,
+    testbed_conditioning,
+)
 from testbed.checkpoint import FLUX_FILE, TEXT_FILE, load_flux, load_text_encoder  # noqa: E402
 from testbed.evaluate import evaluate  # noqa: E402
 from testbed.prompts import eval_items, eval_prompts  # noqa: E402
@@ -49,7 +55,6 @@ from testbed.scenes import CATEGORIES  # noqa: E402
 # measured with: no branch, checkpoint biases.
 T = {"method": "mse", "default_format": "ternary"}
 NO_CODES, NO_E2E, R0 = {"learn_codes": False}, {"e2e_steps": 0}, {"lowrank": 0}
-AS_MEASURED = {**R0, "train_bias": False}
 METHODS = {
     "int8": {"method": "mse", "default_format": "int8"},
     "int4": {"method": "mse", "default_format": "int4:64"},
@@ -64,13 +69,13 @@ METHODS = {
     # a time (the testbed's finest split) with 4 samples per step
     "gptq+scales+codes+e2e windows b4": {**T, "calibration": {"e2e_code_share": 0.1, "e2e_batch": 4}},
     # rank 32 alone is 4.5 bits on the testbed
-    "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits", **AS_MEASURED}},
-    "gptq+scales+codes": {**T, "calibration": {**NO_E2E, **AS_MEASURED}},
-    "gptq+scales+e2e": {**T, "calibration": {**NO_CODES, **AS_MEASURED}},
-    "gptq+scales": {**T, "calibration": {**NO_CODES, **NO_E2E, **AS_MEASURED}},
-    "gptq+scales r16": {**T, "calibration": {**NO_CODES, **NO_E2E, "lowrank": 16, "train_bias": False}},
-    "gptq only": {**T, "calibration": {**NO_CODES, **NO_E2E, **AS_MEASURED, "distill_steps": 0}},
-    "scales only": {**T, "calibration": {**NO_CODES, **NO_E2E, **AS_MEASURED, "gptq": False}},
+    "gptq+scales+codes+e2e 2.5 bits": {**T, "calibration": {"budget": "2.5bits", **BEFORE_BRANCH_AND_BIAS}},
+    "gptq+scales+codes": {**T, "calibration": {**NO_E2E, **BEFORE_BRANCH_AND_BIAS}},
+    "gptq+scales+e2e": {**T, "calibration": {**NO_CODES, **BEFORE_BRANCH_AND_BIAS}},
+    "gptq+scales": {**T, "calibration": {**NO_CODES, **NO_E2E, **BEFORE_BRANCH_AND_BIAS}},
+    "gptq+scales r16": {**T, "calibration": {**NO_CODES, **NO_E2E, **BEFORE_BRANCH_AND_BIAS, "lowrank": 16}},
+    "gptq only": {**T, "calibration": {**NO_CODES, **NO_E2E, **BEFORE_BRANCH_AND_BIAS, "distill_steps": 0}},
+    "scales only": {**T, "calibration": {**NO_CODES, **NO_E2E, **BEFORE_BRANCH_AND_BIAS, "gptq": False}},
     "mse": T,
     "absmean": {"method": "absmean", "default_format": "ternary"},
 }

@@ -137,8 +137,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         # allocator settings (either name torch reads) are left alone.
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     signal.signal(signal.SIGTERM, _on_sigterm)
-    tuning = (args.calib_prompts, args.calib_steps, args.calib_timesteps, args.distill_steps, args.calib_gpu_memory,
-              args.e2e_steps, args.e2e_batch, args.a8_keep, args.lowrank, args.train_bias)
+    # The calibration settings given on the command line (None: the default).
+    given = {
+        "prompts": args.calib_prompts,
+        "steps": args.calib_steps,
+        "timesteps": args.calib_timesteps,
+        "distill_steps": args.distill_steps,
+        "e2e_steps": args.e2e_steps,
+        "e2e_batch": args.e2e_batch,
+        "a8_keep": args.a8_keep,
+        "lowrank": args.lowrank,
+        "train_bias": args.train_bias,
+    }
+    tuning = (*given.values(), args.calib_gpu_memory)
     calib_flags = (args.calib_data, args.budget, args.calib_dir, args.no_gptq, args.no_learn_codes,
                    args.keep_calib_dir)
     if not args.calibrate and (any(calib_flags) or any(v is not None for v in tuning)):
@@ -158,17 +169,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.calibrate:
         from .calibration.engine import CalibrationSettings
 
-        given = {
-            "prompts": args.calib_prompts,
-            "steps": args.calib_steps,
-            "timesteps": args.calib_timesteps,
-            "distill_steps": args.distill_steps,
-            "e2e_steps": args.e2e_steps,
-            "e2e_batch": args.e2e_batch,
-            "a8_keep": args.a8_keep,
-            "lowrank": args.lowrank,
-            "train_bias": args.train_bias,
-        }
         calibration = CalibrationSettings(
             conditioning=args.calib_data,
             **{k: v for k, v in given.items() if v is not None},

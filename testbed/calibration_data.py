@@ -57,6 +57,9 @@ def default_prompts(device: torch.device | str) -> int:
     """Calibration prompts for a run on `device`: GPU_PROMPTS on a GPU, CPU_PROMPTS on a CPU."""
     return GPU_PROMPTS if str(device).startswith("cuda") else CPU_PROMPTS
 CPU_CALIBRATION = {"steps": 10, "distill_steps": 100, "distill_batch": 16, "e2e_steps": 0}
+# What the benchmark rows measured before session 7 ran with: no low-rank branch and the checkpoint's biases,
+# the defaults then (bench/quality.py's stage ablations, bench/calibration_ablation.py).
+BEFORE_BRANCH_AND_BIAS = {"lowrank": 0, "train_bias": False}
 # The token grid of the images sampling.sample makes: latent side / FLUX's 2x2 patch.
 IMAGE_TOKENS = (LATENT_SIZE // PATCH, LATENT_SIZE // PATCH)
 assert IMAGE_TOKENS[0] * IMAGE_TOKENS[1] == SEQ_LEN

@@ -291,7 +291,7 @@ class Calibrator:
         lens = cond.txt_len  # int64, filled in by CalibrationConditioning when the file has none
         d, lmax = self.arch.hidden_size, int(lens.max())
         esize = torch.finfo(self.dtype).bits // 8
-        store = torch.device("cpu") if self._too_big(len(keep) * p * (n_tok + lmax) * d * esize) else self.device
+        store = torch.device("cpu") if self._too_big(len(keep) * p * self._hidden_bytes(n_tok + lmax)) else self.device
         kept = Acts(
             torch.zeros(len(keep) * p, n_tok, d, device=store, dtype=self.dtype),
             torch.zeros(len(keep) * p, lmax, d, device=store, dtype=self.dtype),
@@ -419,10 +419,10 @@ class Calibrator:
         """Samples per distillation step that fit next to the `reserved` bytes the block has yet to take."""
         return self._samples_that_fit(self._block_sample_bytes(acts), reserved)
 
-    def _codes_fit(self, name: str, layers: dict[str, LayerResult], acts: Acts, reserved: int) -> bool:
-        """Whether learning the block's ternary codes (float32 latent, gradient, two Adam moments: 16 bytes
-        per weight) beside the `reserved` bytes leaves room for one sample's activations; if not, says so."""
-        need = _code_bytes(layers)
+    def _codes_fit(self, name: str, need: int, acts: Acts, reserved: int) -> bool:
+        """Whether learning the block's ternary codes (`need` bytes: float32 latent, gradient, two Adam moments,
+        16 bytes per weight) beside the `reserved` bytes leaves room for one sample's activations; if not, says
+        so."""
         if self._block_batch_that_fits(acts, reserved + need) >= 1:
             return True
         print(f"{name}: learning its ternary codes needs {need / 2**30:.1f} GiB and "
@@ -786,8 +786,9 @@ class Calibrator:
         GPTQ's codes under a 16 GiB cap (bench/results/calibration_cost_full_h200.md)."""
         quantized = self.quantize_block(name, fp, xs)
         weights = _backward_weight_bytes(quantized)
-        codes = self.s.learn_codes and self._codes_fit(name, quantized, xs, weights)
-        fit = self._block_batch_that_fits(xs, weights + (_code_bytes(quantized) if codes else 0))
+        need = _code_bytes(quantized)
+        codes = self.s.learn_codes and self._codes_fit(name, need, xs, weights)
+        fit = self._block_batch_that_fits(xs, weights + (need if codes else 0))
         batches = self._distill_batches(name, xs, fit)
         student = self.student_block(name, fp, quantized, codes)
         before = self.distill(name, student, xs, yt, last, batches)

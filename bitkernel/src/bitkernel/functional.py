@@ -212,7 +212,7 @@ def _linear_impl(
         y = _linear_fp8(x2, qweight, scale, bias)
     if y is None:
         x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
-        y, fused = _linear_kernels(x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up)
+        y, fused = _linear_kernels(x2, qw, bias, act_int8, down, up)
     if down is not None and not fused:
         y = _add_lowrank(y, x2, down, up, inplace=True)  # y is the op's own, contiguous
     return y.reshape(*x.shape[:-1], n)
@@ -222,15 +222,21 @@ _linear_op = torch.library.custom_op("bitkernel::linear", _linear_impl, mutates_
 
 
 def _linear_kernels(
-    x2, qw, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up
+    x2: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: Optional[torch.Tensor],
+    act_int8: bool,
+    down: Optional[torch.Tensor],
+    up: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, bool]:
     """([M, N], whether the branch is in it) from contiguous x2 [M, K] by bitkernel's kernels, or by cuBLAS on
     the expanded weights, which takes the branch in the same GEMM."""
     m, k, n = x2.shape[0], qw.in_features, qw.out_features
+    fmt, qweight, scale, zero = FORMAT_CODES[qw.fmt], _ptr(qw.qweight), _ptr(qw.scale), _ptr(qw.zero)
     dev = x2.device
     dt = DTYPE_CODES[x2.dtype]
     # The arguments every product kernel takes first (C++ order: x, then the weight, then the bias).
-    common = (fmt, _ptr(x2), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, _ptr(bias))
+    common = (fmt, _ptr(x2), dt, m, k, qweight, scale, zero, qw.group_size, n, _ptr(bias))
     if dev.type != "cuda":
         if m >= CPU_DENSE_M and not act_int8:
             # Compute-bound on the CPU too: expand the weights once and let torch's BLAS multiply.
@@ -255,15 +261,13 @@ def _linear_kernels(
             # product (rounded twice instead of once).
             xi = xq[:, :k].to(x2.dtype).contiguous() if small and qw.fmt == "ternary" else None
             if xi is not None and lib.gemv_tc_cuda(
-                fmt, _ptr(xi), dt, m, k, _ptr(qweight), _ptr(scale), _ptr(zero), group_size, n, 0, _ptr(y), stream
+                fmt, _ptr(xi), dt, m, k, qweight, scale, zero, qw.group_size, n, 0, _ptr(y), stream
             ):
                 y.mul_(xs.unsqueeze(1))
                 if bias is not None:
                     y.add_(bias)
             else:
-                lib.gemm_s8_cuda(
-                    fmt, _ptr(xq), _ptr(xs), m, k, _ptr(qweight), _ptr(scale), n, _ptr(bias), dt, _ptr(y), stream
-                )
+                lib.gemm_s8_cuda(fmt, _ptr(xq), _ptr(xs), m, k, qweight, scale, n, _ptr(bias), dt, _ptr(y), stream)
         elif small and lib.gemv_tc_cuda(*common, _ptr(y), stream):
             pass  # into tensor cores
         elif small and m <= lib.GEMV_MAX_M:
@@ -540,7 +544,7 @@ def linear(
         if torch.is_grad_enabled() and any(t.requires_grad for t in lowrank):
             after = lowrank  # the op has no autograd formula: a branch being trained runs as torch ops
         elif lowrank[1].shape[1]:
-            inside = tuple(_like(t, x) for t in lowrank)
+            inside = lowrank  # the op converts it to x's dtype and device
     # The op where something traces or differentiates it (torch.compile, fake tensors, autograd's error for
     # a gradient through it); else its implementation directly.
     direct = type(x) is torch.Tensor and not torch.compiler.is_compiling() and not (
