@@ -2,10 +2,13 @@
 
     python bench/kernels.py [--m 1 16 512 4608] [--formats W1.58A16 ...] [--out bench/results/kernels_<gpu>.md]
 
-Times come from CUDA graphs of 20 back-to-back calls replayed between CUDA events
-(median of several replays), with enough weight copies in rotation that the
-weights come from device memory, not L2. Ratios are bf16 time / format time:
-above 1 is faster than torch bf16 (cuBLAS).
+Times come from CUDA graphs of 20 back-to-back calls replayed between CUDA events,
+with enough weight copies in rotation that the weights come from device memory,
+not L2. A shape's columns are replayed in turn, bf16 included, for several rounds,
+and each column's time is its median over the rounds: the GPU's clock drifts as it
+warms (the same bf16 GEMM measured 330 and 381 us a few seconds apart on an H200),
+so timing one column after another would credit the drift to whichever ran first.
+Ratios are bf16 time / format time: above 1 is faster than torch bf16 (cuBLAS).
 
 On sm_89+ W1.58A8 with M > 16 runs as FP8 (BITKERNEL_FP8=0 measures the int8
 kernel instead); the "fp8 cuBLAS" column is its ceiling: torch._scaled_mm alone
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import Optional
 
 import torch
 from report_table import emit  # bench/ is on sys.path when this script runs
@@ -54,33 +58,41 @@ DECODE = "W1.58A16 expansion"
 BRANCH_RANK = 32
 BRANCH = f"W1.58A16+r{BRANCH_RANK}"
 CALLS_PER_GRAPH = 20
+ROUNDS = 9
 L2_FLUSH_BYTES = 256 << 20
 
 
-def time_graph(fns) -> float:
-    """Median ms per call of a CUDA graph that runs the callables in rotation."""
+def capture(fns) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of CALLS_PER_GRAPH calls of the callables in rotation (warmed up outside capture)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for f in fns[:3]:
-            f()  # warm-up outside capture
+            f()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for i in range(CALLS_PER_GRAPH):
             fns[i % len(fns)]()
     g.replay()
+    return g
+
+
+def time_graphs(columns: dict[str, list]) -> dict[str, float]:
+    """Median ms per call of each column's graph, the graphs replayed in turn for ROUNDS rounds."""
+    graphs = {name: capture(fns) for name, fns in columns.items()}
     torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / CALLS_PER_GRAPH)
-    del g
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(ROUNDS):
+        for name, g in graphs.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            times[name].append(a.elapsed_time(b) / CALLS_PER_GRAPH)
+    del graphs
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copies_for(nbytes: int) -> int:
@@ -91,9 +103,8 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
     gen = torch.Generator(device="cuda").manual_seed(n + k + m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-    res = {}
     ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
-    res["bf16"] = time_graph([lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws])
+    columns = {"bf16": [lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws]}
     for name, fmt, group, a8 in variants:
         qw = F.quantize(w, fmt, group)
         qws = [qw] + [
@@ -102,47 +113,47 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
             )
             for _ in range(copies_for(qw.nbytes()) - 1)
         ]
-        res[name] = time_graph([lambda q=q_, a=a8: F.linear(x, q, None, a) for q_ in qws])
+        columns[name] = [lambda q=q_, a=a8: F.linear(x, q, None, a) for q_ in qws]
         if name == "W1.58A8":
-            res[FP8_CEILING] = fp8_ceiling(x, qw)
+            ceiling = fp8_ceiling(x, qw)
+            if ceiling:
+                columns[FP8_CEILING] = ceiling
         if name == "W1.58A16":
-            res[DECODE] = (
-                time_graph([lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]) if m > F.SMALL_M
-                else float("nan")
-            )
+            if m > F.SMALL_M:
+                columns[DECODE] = [lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]
             lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=x.dtype, generator=gen) * 0.02,
                   torch.randn(n, BRANCH_RANK, device="cuda", dtype=x.dtype, generator=gen) * 0.02)
-            res[BRANCH] = time_graph([lambda q=q_, lr=lr: F.linear(x, q, None, False, lr) for q_ in qws])
-        del qws
-    del ws
+            columns[BRANCH] = [lambda q=q_, lr=lr: F.linear(x, q, None, False, lr) for q_ in qws]
+    res = time_graphs(columns)
+    del columns, ws
     torch.cuda.empty_cache()
     return res
 
 
-def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> float:
-    """ms of torch._scaled_mm on pre-quantized e4m3 operands (nan where the GPU or torch lacks it)."""
+def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> list:
+    """Calls of torch._scaled_mm on pre-quantized e4m3 operands (none where the GPU or torch lacks it)."""
     if torch.cuda.get_device_capability() < (8, 9):
-        return float("nan")
+        return []
     n, k = qw.out_features, qw.in_features
     x8, sx = F.quantize_rows_fp8(x)
     w8 = F.ternary_to_fp8(qw.qweight, k)
     ws = [w8] + [w8.clone() for _ in range(copies_for(w8.numel()) - 1)]
     sw = qw.scale.reshape(1, n).contiguous()
-    try:
-        return time_graph(
-            [
-                lambda w=w_: torch._scaled_mm(
-                    x8, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=F.FP8_FAST_ACCUM
-                )
-                for w_ in ws
-            ]
+
+    def call(w: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_mm(
+            x8, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=F.FP8_FAST_ACCUM
         )
+
+    try:
+        call(w8)
     except RuntimeError:
-        return float("nan")
+        return []
+    return [lambda w=w_: call(w) for w_ in ws]
 
 
-def cell(t: float, base: float, share: bool = False) -> str:
-    if t != t:
+def cell(t: Optional[float], base: float, share: bool = False) -> str:
+    if t is None:
         return "n/a"
     return f"{t:.4f} ({100 * t / base:.1f}% of bf16)" if share else f"{t:.4f} ({base / t:.2f}x)"
 
@@ -169,7 +180,7 @@ def main() -> None:
     for label, n, k in SHAPES:
         for m in args.m:
             r = bench_shape(n, k, m, variants)
-            cells = [f"{r['bf16']:.4f}"] + [cell(r[name], r["bf16"], name == DECODE) for name in names]
+            cells = [f"{r['bf16']:.4f}"] + [cell(r.get(name), r["bf16"], name == DECODE) for name in names]
             lines.append(f"| {label} ({n}x{k}) | {m} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     table = head + "\n".join(lines) + "\n"
