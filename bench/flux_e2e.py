@@ -127,6 +127,7 @@ def log(msg: str) -> None:
 # (category, substrings of a GPU kernel's lower-cased name), first match wins: bitkernel's own kernels
 # first (their names are ours), then attention before GEMMs (flash kernels' names hold "gemm" too).
 KERNEL_CATEGORIES = (
+    ("FP8 operands (activation quant + weight expansion, one kernel)", ("fp8_operands",)),
     ("weight expansion", ("ternary_to_fp8", "dequantize")),
     ("activation quant", ("quantize_rows_fp8", "quantize_act")),
     ("small-M kernels", ("gemv",)),

@@ -241,6 +241,28 @@ def test_quantize_rows_fp8_bit_exact(dtype, k, m):
         assert torch.all(codes(qs[:, k:]) == 0)
 
 
+@fp8_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+# (M, N, K): one launch with 2, 4 and 8 vectors per thread, more rows than the quantization's grid, N padded;
+# K = 300 and 20000 do not fit it and take the two kernels.
+@pytest.mark.parametrize("m,n,k", [(37, 131, 3072), (2000, 96, 768), (600, 19, 6144), (50, 64, 15360),
+                                   (40, 131, 300), (20, 16, 20000)])
+def test_fp8_operands_in_one_launch_match_the_two_kernels(dtype, m, n, k):
+    """The op's operands (fp8_operands_cuda) are the bytes of quantize_rows_fp8 and ternary_to_fp8."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    x = awkward_rows(m, k, dtype, gen).cuda()
+    q = pack_codes("ternary", torch.randint(0, 3, (n, k), generator=gen)).cuda()
+    kp, rows = round_up(k), round_up(n)
+    x8 = torch.full((m, kp), 7, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    sx = torch.empty(m, 1, dtype=torch.float32, device="cuda")
+    w8 = torch.full((rows, kp), 7, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    lib.C.fp8_operands_cuda(x.data_ptr(), F.DTYPE_CODES[dtype], m, k, x.stride(0), x8.data_ptr(), kp, sx.data_ptr(),
+                            q.data_ptr(), n, rows, w8.data_ptr(), kp, torch.cuda.current_stream().cuda_stream)
+    xr, sr = F.quantize_rows_fp8(x)
+    assert torch.equal(codes(x8), codes(xr)) and torch.equal(sx, sr)
+    assert torch.equal(codes(w8), codes(F.ternary_to_fp8(q, k, rows, kp)))
+
+
 # ---------------------------------------------------------------------------
 # GPU: the op.
 

@@ -61,6 +61,11 @@ void ternary_to_fp8_cuda(const uint8_t* q, int64_t N, int64_t K, int64_t rows, u
 // Throws unless fp8_supported_cuda().
 void quantize_rows_fp8_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* out, int64_t ldo,
                             float* scales, uintptr_t stream);
+// Both of the above in one launch where the shapes and alignments allow (FLUX.1-dev's all do), else as the
+// two calls: x8 [M, ldo] and scales from x, e4m3 weights [rows, ldw] from the codes of an N x K matrix.
+void fp8_operands_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo,
+                       float* scales, const uint8_t* q, int64_t N, int64_t rows, uint8_t* w8, int64_t ldw,
+                       uintptr_t stream);
 // Throws bitkernel::Error naming the CUDA error after a launch.
 void check_launch(const char* what);
 #endif

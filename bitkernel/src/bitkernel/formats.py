@@ -62,12 +62,12 @@ class QuantizedWeight:
         check_shape(self.fmt, self.in_features, self.group_size)
         n, k, wpb = self.out_features, self.in_features, WEIGHTS_PER_BYTE[self.fmt]
         g = num_groups(k, self.group_size)
-        if self.qweight.dtype != QWEIGHT_DTYPES[self.fmt] or tuple(self.qweight.shape) != (n, k // wpb):
+        if self.qweight.dtype != QWEIGHT_DTYPES[self.fmt] or self.qweight.shape != (n, k // wpb):
             raise ValueError(
                 f"{self.fmt} qweight must be {QWEIGHT_DTYPES[self.fmt]} of shape {(n, k // wpb)}, "
                 f"got {self.qweight.dtype} {tuple(self.qweight.shape)}"
             )
-        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n, g):
+        if self.scale.dtype != torch.float32 or self.scale.shape != (n, g):
             raise ValueError(
                 f"scale must be float32 of shape {(n, g)}, got {self.scale.dtype} {tuple(self.scale.shape)}"
             )
@@ -78,8 +78,10 @@ class QuantizedWeight:
                 raise ValueError(
                     f"zero must be uint8 of shape {(n, g)}, got {self.zero.dtype} {tuple(self.zero.shape)}"
                 )
-        devices = {t.device for t in (self.qweight, self.scale, self.zero) if t is not None}
-        if len(devices) != 1:
+        # Compared pairwise, not as a set of devices: the linear op validates its weight on every call.
+        dev = self.qweight.device
+        if self.scale.device != dev or (self.zero is not None and self.zero.device != dev):
+            devices = {t.device for t in (self.qweight, self.scale, self.zero) if t is not None}
             raise ValueError(f"qweight, scale and zero must be on one device, got {sorted(map(str, devices))}")
 
     def nbytes(self) -> int:

@@ -75,9 +75,17 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 )
 
 
+# The current device's index: torch's private getter, without torch.cuda.current_device()'s initialisation
+# check (~2 us a call on the H200 machine); every caller holds a CUDA tensor, so CUDA is initialised.
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+
 def _on(dev: torch.device) -> contextlib.AbstractContextManager:
     """torch.cuda.device(dev), or nothing where dev is already current (the switch costs host time)."""
-    return contextlib.nullcontext() if dev.index == torch.cuda.current_device() else torch.cuda.device(dev)
+    return _NO_SWITCH if dev.index == _current_device() else torch.cuda.device(dev)
+
+
+_NO_SWITCH = contextlib.nullcontext()
 
 
 def quantize(
@@ -423,11 +431,6 @@ def quantize_rows_fp8(x: torch.Tensor, cols: Optional[int] = None) -> tuple[torc
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"quantize_rows_fp8 takes float16/bfloat16 [M, K], got {x.dtype} {tuple(x.shape)}")
     _require_fp8(x.device, "quantize_rows_fp8")
-    with torch.cuda.device(x.device):
-        return _quantize_rows_fp8(x, cols, _stream(x.device))
-
-
-def _quantize_rows_fp8(x: torch.Tensor, cols: Optional[int], stream: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -436,9 +439,10 @@ def _quantize_rows_fp8(x: torch.Tensor, cols: Optional[int], stream: int) -> tup
         raise ValueError(f"quantize_rows_fp8 needs cols >= K = {k}, got {cols}")
     x8 = torch.empty(m, cols, dtype=torch.float8_e4m3fn, device=x.device)
     sx = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    require_cuda().quantize_rows_fp8_cuda(
-        _ptr(x), DTYPE_CODES[x.dtype], m, k, x.stride(0), _ptr(x8), cols, _ptr(sx), stream
-    )
+    with torch.cuda.device(x.device):
+        require_cuda().quantize_rows_fp8_cuda(
+            _ptr(x), DTYPE_CODES[x.dtype], m, k, x.stride(0), _ptr(x8), cols, _ptr(sx), _stream(x.device)
+        )
     return x8, sx
 
 
@@ -446,63 +450,84 @@ def _linear_fp8(
     x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Optional[torch.Tensor]:
     """W1.58A8 as e4m3 x e4m3 -> fp32 on FP8 tensor cores; None if torch._scaled_mm refuses."""
-    dev, index = x2.device, x2.device.index
+    dev = x2.device
     m, k = x2.shape
     n = qweight.shape[0]
     kp, np_ = _round_up(k, _FP8_ALIGN), _round_up(n, _FP8_ALIGN)
     lib = require_cuda()
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     with _on(dev):
-        stream = _stream(dev)
-        x8, sx = _quantize_rows_fp8(x2, kp, stream)
-        # Expanded per call into a temporary (the caching allocator reuses the block), so the
-        # weights stay 2-bit in memory. The expansion streams ~5 bytes per weight (~10 us for
-        # 3072 x 12288 on an H200): a few percent of the GEMM at M = 4608, more at a few hundred rows.
+        # The activations' codes and scales (quantize_rows_fp8) and the weights in e4m3 (ternary_to_fp8), in one
+        # launch. The weights are expanded per call into a temporary (the caching allocator reuses the block), so
+        # they stay 2-bit in memory: ~5 bytes of traffic per weight (~14 us for 3072 x 12288 on an H200), a few
+        # percent of the GEMM at M = 4608, more at a few hundred rows.
+        x8 = torch.empty(m, kp, dtype=torch.float8_e4m3fn, device=dev)
+        sx = torch.empty(m, 1, dtype=torch.float32, device=dev)
         w8 = torch.empty(np_, kp, dtype=torch.float8_e4m3fn, device=dev)
-        lib.ternary_to_fp8_cuda(_ptr(qweight.contiguous()), n, k, np_, _ptr(w8), kp, stream)
+        lib.fp8_operands_cuda(
+            _ptr(x2), DTYPE_CODES[x2.dtype], m, k, x2.stride(0), _ptr(x8), kp, _ptr(sx),
+            _ptr(qweight.contiguous()), n, np_, _ptr(w8), kp, _raw_stream(dev.index),
+        )
         sw = scale.reshape(1, n).contiguous()  # the per-row weight scales are the GEMM's column scales
-        bp = bias
         if np_ != n:
             sw = torch.nn.functional.pad(sw, (0, np_ - n))
-            bp = None if bias is None else torch.nn.functional.pad(bias, (0, np_ - n))
-        plan = _fp8_plans.get((index, x2.dtype)) or fp8_output_plan(x2.dtype, _capability(index))
-        plans = [plan] + ([(torch.bfloat16, False)] if plan != (torch.bfloat16, False) else [])
-        y, error = None, None
-        for out_dtype, fuse_bias in plans:
-            try:
-                y = torch._scaled_mm(
-                    x8,
-                    w8.t(),  # column-major [K, N], as _scaled_mm wants its second operand
-                    scale_a=sx,
-                    scale_b=sw,
-                    bias=bp if fuse_bias else None,
-                    out_dtype=out_dtype,
-                    use_fast_accum=FP8_FAST_ACCUM,
-                )
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError as exc:  # torch checks arguments before launching: safe in graph capture
-                error = exc
-                continue
-            _fp8_plans[(index, x2.dtype)] = (out_dtype, fuse_bias)
-            break
-        if y is None:
-            _fp8_failed[index] = str(error)
-            warnings.warn(
-                f"bitkernel: torch._scaled_mm with row-wise scales failed on {dev} ({error}); W1.58A8 runs "
-                "the int8 kernel on this device from now on. Set BITKERNEL_FP8=0 to choose that upfront.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
+            bias = None if bias is None else torch.nn.functional.pad(bias, (0, np_ - n))
+        plan = _fp8_plans.get((dev.index, x2.dtype))
+        if plan is not None:  # the common case: this output plan has run on this device
+            y = _scaled_mm(x8, w8, sx, sw, bias, *plan)
+        else:
+            plan, y = _first_scaled_mm(x8, w8, sx, sw, bias, x2.dtype, dev)
+            if y is None:
+                return None
+    out_dtype, fuse_bias = plan
     if np_ != n:
         y = y[:, :n]
-    if y.dtype != x2.dtype:
+        bias = None if bias is None else bias[:n]
+    if out_dtype != x2.dtype:
         y = y.to(x2.dtype)
     if bias is not None and not fuse_bias:
         y = y + bias
     # Where N was padded and nothing above copied, y is a strided view: the op's output must be contiguous,
     # as its fake implementation says (torch.compile plans with those strides).
     return y.contiguous()
+
+
+def _scaled_mm(x8, w8, sx, sw, bias, out_dtype: torch.dtype, fuse_bias: bool) -> torch.Tensor:
+    return torch._scaled_mm(
+        x8,
+        w8.t(),  # column-major [K, N], as _scaled_mm wants its second operand
+        scale_a=sx,
+        scale_b=sw,
+        bias=bias if fuse_bias else None,
+        out_dtype=out_dtype,
+        use_fast_accum=FP8_FAST_ACCUM,
+    )
+
+
+def _first_scaled_mm(x8, w8, sx, sw, bias, dtype: torch.dtype, dev: torch.device):
+    """(plan, y) of the first FP8 GEMM for (device, dtype): the documented output plan, else bfloat16 out with
+    the bias added afterwards; (None, None) after a warning if torch._scaled_mm refuses both."""
+    plan = fp8_output_plan(dtype, _capability(dev.index))
+    error = None
+    for p in [plan] + ([(torch.bfloat16, False)] if plan != (torch.bfloat16, False) else []):
+        try:
+            y = _scaled_mm(x8, w8, sx, sw, bias, *p)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # torch checks arguments before launching: safe in graph capture
+            error = exc
+            continue
+        _fp8_plans[(dev.index, dtype)] = p
+        return p, y
+    _fp8_failed[dev.index] = str(error)
+    warnings.warn(
+        f"bitkernel: torch._scaled_mm with row-wise scales failed on {dev} ({error}); W1.58A8 runs "
+        "the int8 kernel on this device from now on. Set BITKERNEL_FP8=0 to choose that upfront.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None, None
 
 
 def linear(
