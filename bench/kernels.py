@@ -79,12 +79,15 @@ def capture(fns) -> torch.cuda.CUDAGraph:
 
 
 def time_graphs(columns: dict[str, list]) -> dict[str, float]:
-    """Median ms per call of each column's graph, the graphs replayed in turn for ROUNDS rounds."""
+    """Median ms per call of each column's graph, the graphs replayed in turn (in a rotated order each round)
+    for ROUNDS rounds."""
     graphs = {name: capture(fns) for name, fns in columns.items()}
     torch.cuda.synchronize()
     times: dict[str, list[float]] = {name: [] for name in graphs}
-    for _ in range(ROUNDS):
-        for name, g in graphs.items():
+    names = list(graphs)
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # each column first in some rounds
+            g = graphs[name]
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             g.replay()

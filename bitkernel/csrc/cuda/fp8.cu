@@ -116,8 +116,9 @@ template <typename T> __device__ __forceinline__ uint4 load8(const T* p) {
 
 // 16 bytes global -> shared without registers (cp.async, sm_80+).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(smem))),
-               "l"(gmem));
+  // The "memory" clobber keeps the compiler from moving this thread's earlier reads of the slot after the copy.
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 }
 
 }  // namespace fp8_detail
@@ -206,7 +207,7 @@ __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int6
       const int j = threadIdx.x + i * kThreads;
       if (j < nvec) cp_async16(&stage[j], x + row * ldx + 8 * j);
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
   };
   int64_t m = first;
   fetch(m);
@@ -238,19 +239,13 @@ __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int6
 #endif
 }
 
-template <typename T, int ITEMS>
-__global__ void __launch_bounds__(kThreads) quantize_rows_fp8_regs(const T* __restrict__ x, int64_t ldx, int K,
-                                                                   int64_t M, uint8_t* __restrict__ out, int64_t ldo,
-                                                                   float* __restrict__ scales) {
-  quantize_rows_walk<T, ITEMS>(x, ldx, K, M, out, ldo, scales, blockIdx.x, gridDim.x);
-}
-
-// The FP8 GEMM's two operands in one launch: blocks [0, qblocks) quantize x's rows
-// as quantize_rows_fp8_regs does (the grid's first part is what fits on the GPU at
-// once), the blocks after them expand the ternary codes as ternary_to_fp8_kernel<true>
-// does and fill the SMs as the quantization's blocks run out of rows. One launch
-// instead of two saves a launch's host time (~5 us on the H200 machine) and one
-// kernel's ramp and drain on the GPU.
+// The single-pass quantization, with the weight expansion in the same launch where
+// total > 0 (the FP8 GEMM's two operands): blocks [0, qblocks) quantize x's rows,
+// walking them (the grid's first part is what fits on the GPU at once); the blocks
+// after them expand the ternary codes as ternary_to_fp8_kernel<true> does and fill
+// the SMs as the quantization's blocks run out of rows. One launch instead of two
+// saves a launch's host time and one kernel's ramp and drain on the GPU (attn.proj
+// at M = 4608 on an H200: 80.5 -> 77.1 us for the whole op).
 template <typename T, int ITEMS>
 __global__ void __launch_bounds__(kThreads) fp8_operands_kernel(const T* __restrict__ x, int64_t ldx, int K, int64_t M,
                                                                 uint8_t* __restrict__ x8, int64_t ldo,
@@ -266,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) fp8_operands_kernel(const T* __restr
 }
 
 // Two passes over the row (the second mostly hits L2): any K, any alignment
-// (VEC = the 16-byte-load layout of quantize_rows_fp8_regs, else element loads).
+// (VEC = the 16-byte-load layout of the single pass, else element loads).
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads) quantize_rows_fp8_2pass(const T* __restrict__ x, int64_t ldx, int64_t K,
                                                                     uint8_t* __restrict__ out, int64_t ldo,
@@ -297,12 +292,13 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_fp8_2pass(const T* __r
 #endif
 }
 
-// Blocks of KERNEL (quantize_rows_fp8_regs or fp8_operands_kernel) that fit on the GPU at once, counted with
-// the largest stage ITEMS allows: the quantization's grid, whose blocks then walk rows.
-template <auto KERNEL, int ITEMS> unsigned resident_blocks() {
+// Blocks of fp8_operands_kernel that fit on the GPU at once, counted with the largest stage ITEMS allows:
+// the quantization's grid, whose blocks then walk rows.
+template <typename T, int ITEMS> unsigned resident_blocks() {
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KERNEL, kThreads, 16 * ITEMS * kThreads) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fp8_operands_kernel<T, ITEMS>, kThreads,
+                                                      16 * ITEMS * kThreads) != cudaSuccess) {
       cudaGetLastError();
       n = 1;
     }
@@ -312,23 +308,25 @@ template <auto KERNEL, int ITEMS> unsigned resident_blocks() {
 }
 
 template <typename T, int ITEMS>
-void launch_regs(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t* out, int64_t ldo, float* scales,
-                 cudaStream_t s) {
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(M, resident_blocks<quantize_rows_fp8_regs<T, ITEMS>, ITEMS>()));
-  const size_t smem = static_cast<size_t>(K / 8) * 16;  // the staged row
-  quantize_rows_fp8_regs<T, ITEMS><<<grid, kThreads, smem, s>>>(x, ldx, static_cast<int>(K), M, out, ldo, scales);
-}
-
-template <typename T, int ITEMS>
 void launch_operands(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo, float* scales,
                      const uint8_t* q, int64_t N, uint8_t* w8, int64_t ldw, uint32_t total, cudaStream_t s) {
-  const unsigned qblocks =
-      static_cast<unsigned>(std::min<int64_t>(M, resident_blocks<fp8_operands_kernel<T, ITEMS>, ITEMS>()));
+  const unsigned qblocks = static_cast<unsigned>(std::min<int64_t>(M, resident_blocks<T, ITEMS>()));
   const unsigned eblocks = (total + kThreads - 1) / kThreads;
-  const size_t smem = static_cast<size_t>(K / 8) * 16;
+  const size_t smem = static_cast<size_t>(K / 8) * 16;  // the staged row
   fp8_operands_kernel<T, ITEMS><<<qblocks + eblocks, kThreads, smem, s>>>(
       x, ldx, static_cast<int>(K), M, x8, ldo, scales, qblocks, q, static_cast<uint32_t>(N),
       static_cast<uint32_t>(ldw / 16), total, w8, ldw);
+}
+
+// The single pass for rows of K <= 64 * kThreads (K % 8 == 0), with `total` 16-byte vectors of expanded weights
+// (0: the quantization alone).
+template <typename T>
+void launch_single_pass(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo, float* scales,
+                        const uint8_t* q, int64_t N, uint8_t* w8, int64_t ldw, uint32_t total, cudaStream_t s) {
+  const int64_t nvec = K / 8;
+  if (nvec <= 2 * kThreads) launch_operands<T, 2>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, s);
+  else if (nvec <= 4 * kThreads) launch_operands<T, 4>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, s);
+  else launch_operands<T, 8>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, s);
 }
 
 template <typename T>
@@ -337,10 +335,7 @@ void launch_quantize_rows(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t
   const bool vec = K % 8 == 0 && ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldo % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(out) % 8 == 0;
   const unsigned grid = static_cast<unsigned>(M);
-  const int64_t nvec = K / 8;
-  if (vec && nvec <= 2 * kThreads) launch_regs<T, 2>(x, M, K, ldx, out, ldo, scales, s);
-  else if (vec && nvec <= 4 * kThreads) launch_regs<T, 4>(x, M, K, ldx, out, ldo, scales, s);
-  else if (vec && nvec <= 8 * kThreads) launch_regs<T, 8>(x, M, K, ldx, out, ldo, scales, s);
+  if (vec && K / 8 <= 8 * kThreads) launch_single_pass(x, M, K, ldx, out, ldo, scales, nullptr, 0, nullptr, 16, 0u, s);
   else if (vec) quantize_rows_fp8_2pass<T, true><<<grid, kThreads, 0, s>>>(x, ldx, K, out, ldo, scales);
   else quantize_rows_fp8_2pass<T, false><<<grid, kThreads, 0, s>>>(x, ldx, K, out, ldo, scales);
 }
@@ -360,7 +355,7 @@ bool fp8_supported_cuda() {
   }
   if (dev < kMaxDevices && cache[dev].load() != 0) return cache[dev].load() == 2;
   cudaFuncAttributes a{};
-  bool ok = cudaFuncGetAttributes(&a, quantize_rows_fp8_regs<__half, 2>) == cudaSuccess && a.ptxVersion >= 89;
+  bool ok = cudaFuncGetAttributes(&a, fp8_operands_kernel<__half, 2>) == cudaSuccess && a.ptxVersion >= 89;
   cudaGetLastError();  // clear an error of the query above: it is an answer, not a failure
   if (dev < kMaxDevices) cache[dev].store(ok ? 2 : 1);
   return ok;
@@ -407,9 +402,9 @@ void fp8_operands_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t l
   const int64_t total = rows * (ldw / 16);
   // What the one launch takes: both kernels' vector layouts, a row that fits the single-pass stage, and the
   // arguments the separate entry points would accept (anything else goes to them, which say what is wrong).
-  const bool one_launch = (dtype == F16 || dtype == BF16) && M > 0 && M <= 0x7fffffffLL && K % 16 == 0 &&
-                          K / 8 <= 8 * kThreads && ldx % 8 == 0 && aligned(x, 16) && ldo >= K && ldo % 8 == 0 &&
-                          aligned(x8, 8) && aligned(q, 4) && rows >= N && ldw >= K && ldw % 16 == 0 &&
+  const bool one_launch = (dtype == F16 || dtype == BF16) && M > 0 && M <= 0x7fffffffLL && N > 0 && K % 16 == 0 &&
+                          K / 8 <= 8 * kThreads && ldx >= 0 && ldx % 8 == 0 && aligned(x, 16) && ldo >= K &&
+                          ldo % 8 == 0 && aligned(x8, 8) && aligned(q, 4) && rows >= N && ldw >= K && ldw % 16 == 0 &&
                           aligned(w8, 16) && total > 0 && total < (1LL << 32) - kThreads && fp8_supported_cuda();
   if (!one_launch) {
     quantize_rows_fp8_cuda(x, dtype, M, K, ldx, x8, ldo, scales, stream);
@@ -418,16 +413,8 @@ void fp8_operands_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t l
   }
   const cudaStream_t s = as_stream(stream);
   const auto t = static_cast<uint32_t>(total);
-  const int64_t nvec = K / 8;
-  const auto launch = [&](auto tag) {
-    using T = decltype(tag);
-    const T* xt = static_cast<const T*>(x);
-    if (nvec <= 2 * kThreads) launch_operands<T, 2>(xt, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, t, s);
-    else if (nvec <= 4 * kThreads) launch_operands<T, 4>(xt, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, t, s);
-    else launch_operands<T, 8>(xt, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, t, s);
-  };
-  if (dtype == F16) launch(__half{});
-  else launch(__nv_bfloat16{});
+  if (dtype == F16) launch_single_pass(static_cast<const __half*>(x), M, K, ldx, x8, ldo, scales, q, N, w8, ldw, t, s);
+  else launch_single_pass(static_cast<const __nv_bfloat16*>(x), M, K, ldx, x8, ldo, scales, q, N, w8, ldw, t, s);
   check_launch("fp8_operands");
 }
 

@@ -48,7 +48,7 @@ FP8: bool = os.environ.get("BITKERNEL_FP8", "1").strip().lower() not in ("0", "f
 FP8_MIN_M = SMALL_M + 1
 # torch._scaled_mm's use_fast_accum: Hopper's FP8 tensor cores keep the partial sums in their own
 # reduced-precision accumulator over all of K instead of promoting them to fp32 every few k-steps.
-# H200, FLUX.1-dev's M = 4608 shapes (bench/NOTES.md, session 10): 1.05-1.20x faster GEMMs, and the
+# H200, FLUX.1-dev's M = 4608 shapes (bench/results/fp8_path_h200.md): 1.04-1.21x faster GEMMs, and the
 # product's error against an fp64 product of the same e4m3 operands went from 1.66e-3 to 1.71e-3
 # (K = 3072) and 1.92e-3 (K = 15360), against ~3e-2 from rounding the activations to e4m3 at all.
 FP8_FAST_ACCUM: bool = True
@@ -460,23 +460,28 @@ def _linear_fp8(
     with _on(dev):
         # The activations' codes and scales (quantize_rows_fp8) and the weights in e4m3 (ternary_to_fp8), in one
         # launch. The weights are expanded per call into a temporary (the caching allocator reuses the block), so
-        # they stay 2-bit in memory: ~5 bytes of traffic per weight (~14 us for 3072 x 12288 on an H200), a few
-        # percent of the GEMM at M = 4608, more at a few hundred rows.
+        # they stay 2-bit in memory: 1.25 bytes of traffic per weight, a few percent of the GEMM at M = 4608
+        # (3072 x 12288: 47 MB, ~14 us on an H200), more at a few hundred rows.
         x8 = torch.empty(m, kp, dtype=torch.float8_e4m3fn, device=dev)
         sx = torch.empty(m, 1, dtype=torch.float32, device=dev)
         w8 = torch.empty(np_, kp, dtype=torch.float8_e4m3fn, device=dev)
         lib.fp8_operands_cuda(
             _ptr(x2), DTYPE_CODES[x2.dtype], m, k, x2.stride(0), _ptr(x8), kp, _ptr(sx),
-            _ptr(qweight.contiguous()), n, np_, _ptr(w8), kp, _raw_stream(dev.index),
+            _ptr(qweight.contiguous()), n, np_, _ptr(w8), kp, _stream(dev),
         )
         sw = scale.reshape(1, n).contiguous()  # the per-row weight scales are the GEMM's column scales
         if np_ != n:
             sw = torch.nn.functional.pad(sw, (0, np_ - n))
             bias = None if bias is None else torch.nn.functional.pad(bias, (0, np_ - n))
-        plan = _fp8_plans.get((dev.index, x2.dtype))
+        plan, y = _fp8_plans.get((dev.index, x2.dtype)), None
         if plan is not None:  # the common case: this output plan has run on this device
-            y = _scaled_mm(x8, w8, sx, sw, bias, *plan)
-        else:
+            try:
+                y = _scaled_mm(x8, w8, sx, sw, bias, *plan)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError:  # refused for this call's shape or bias: probe the plans again
+                pass
+        if y is None:
             plan, y = _first_scaled_mm(x8, w8, sx, sw, bias, x2.dtype, dev)
             if y is None:
                 return None
@@ -506,8 +511,8 @@ def _scaled_mm(x8, w8, sx, sw, bias, out_dtype: torch.dtype, fuse_bias: bool) ->
 
 
 def _first_scaled_mm(x8, w8, sx, sw, bias, dtype: torch.dtype, dev: torch.device):
-    """(plan, y) of the first FP8 GEMM for (device, dtype): the documented output plan, else bfloat16 out with
-    the bias added afterwards; (None, None) after a warning if torch._scaled_mm refuses both."""
+    """(plan, y) of an FP8 GEMM without a known plan for (device, dtype): the documented output plan, else
+    bfloat16 out with the bias added afterwards; (None, None) after a warning if torch._scaled_mm refuses both."""
     plan = fp8_output_plan(dtype, _capability(dev.index))
     error = None
     for p in [plan] + ([(torch.bfloat16, False)] if plan != (torch.bfloat16, False) else []):
@@ -557,8 +562,9 @@ def linear(
       e4m3(x / s) with s = max|x_row| / 448 (1 for an all-zero row), the float32
       quotient rounded to nearest even. 3 mantissa bits: a relative error up to 2^-4
       per element at any magnitude down to e4m3's subnormals, where int8's steps are
-      uniform. torch._scaled_mm multiplies the codes (exact products, fp32
-      accumulation) with s and the weight scales as row and column scales.
+      uniform. torch._scaled_mm multiplies the codes (exact products; the sums in the
+      tensor cores' own accumulator, FP8_FAST_ACCUM) with s and the weight scales as
+      row and column scales.
 
     For Gaussian-like activations the two differ by ~2-3% (relative norm of the
     output). `BITKERNEL_FP8=0` (environment, read at import) or
