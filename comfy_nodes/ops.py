@@ -185,6 +185,8 @@ class PackedLinearMixin:
         lowvram = getattr(self, "bias_lowvram_function", None)
         if lowvram is not None:
             fns.insert(0, lowvram)
+        if not fns and self.bias.device == x.device and self.bias.dtype == x.dtype:
+            return self.bias  # without the host time of a no-op `to` (a step makes ~500 of these calls)
         # Patch functions add in place: they must get a copy, never the parameter itself.
         bias = self.bias.to(device=x.device, dtype=x.dtype, copy=bool(fns))
         for f in fns:
@@ -238,8 +240,10 @@ class PackedLinearMixin:
             xk = x
             if dev.type == "cuda" and x.dtype not in _KERNEL_DTYPES_CUDA:
                 xk = x.to(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-            bk = bias.to(xk.dtype) if bias is not None else None
-            y = bkf.linear(xk, qw, bk, spec.act == "a8", own).to(x.dtype)
+            bk = bias.to(xk.dtype) if bias is not None and bias.dtype != xk.dtype else bias
+            y = bkf.linear(xk, qw, bk, spec.act == "a8", own)
+            if xk is not x:
+                y = y.to(x.dtype)
             if patchset is not None and patchset.lowrank.rank:
                 y = bkf.add_lowrank(y, x, patchset.lowrank.down, patchset.lowrank.up)
         return y
