@@ -225,7 +225,9 @@ def _linear_impl(
         x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
         y, fused = _linear_kernels(x2, qw, bias, act_int8, down, up)
     if down is not None and not fused:
-        y = _add_lowrank(y, x2, down, up, inplace=True)  # y is the op's own, contiguous
+        # In place on the op's own contiguous [M, N] (out of place, torch would copy y first), without the
+        # reshapes add_lowrank needs for any leading dims: host time on every call.
+        y.addmm_(torch.nn.functional.linear(x2, down), up.t())
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -622,11 +624,7 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
     return _add_lowrank(y, _like(x, y), _like(down, y), _like(up, y))
 
 
-def _add_lowrank(
-    y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, inplace: bool = False
-) -> torch.Tensor:
+def _add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n, r = up.shape
     t = torch.nn.functional.linear(x, down).reshape(-1, r)
-    y2 = y.reshape(-1, n)
-    # In place where the caller owns y: out of place, torch copies y into the result before the GEMM.
-    return (y2.addmm_(t, up.t()) if inplace else torch.addmm(y2, t, up.t())).reshape(y.shape)
+    return torch.addmm(y.reshape(-1, n), t, up.t()).reshape(y.shape)
