@@ -155,10 +155,11 @@ def profile_step(forward: Callable[[], Any], device: torch.device) -> dict[str, 
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[e.name] += e.time_range.elapsed_us() / 1e3
+    category = {name: kernel_category(name) for name in per_kernel}
     cats: collections.Counter[str] = collections.Counter()
     for name, ms in per_kernel.items():
-        cats[kernel_category(name)] += ms
-    top = [(name, ms) for name, ms in per_kernel.most_common() if kernel_category(name) == OTHER][:5]
+        cats[category[name]] += ms
+    top = [(name, ms) for name, ms in per_kernel.most_common() if category[name] == OTHER][:5]
     return {"ms": dict(cats), "top_other": [[name[:90], ms] for name, ms in top]}
 
 

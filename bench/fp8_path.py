@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from kernels import SHAPES, copies_for, time_graphs  # bench/ is on sys.path when this script runs
+from kernels import SHAPES, fp8_operands, rotation, scaled_mm, time_graphs  # bench/ is on sys.path
 from report_table import emit, markdown_table
 
 import bitkernel.functional as F
@@ -42,22 +42,15 @@ def gemm_row(name: str, n: int, k: int) -> list[str]:
     x = activations(M, k, gen)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     qw = F.quantize(w, "ternary", 0)
-    x8, sx = F.quantize_rows_fp8(x)
-    w8 = F.ternary_to_fp8(qw.qweight, k)
-    sw = qw.scale.reshape(1, n).contiguous()
-    w8s = [w8] + [w8.clone() for _ in range(copies_for(w8.numel()) - 1)]
-    ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
-
-    def mm(wt: torch.Tensor, fast: bool) -> torch.Tensor:
-        return torch._scaled_mm(x8, wt.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast)
-
+    x8, sx, w8, sw = fp8_operands(x, qw)
+    w8s, ws = rotation(w8), rotation(w)
     t = time_graphs({
         "bf16": [lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws],
-        "fp32": [lambda w=w_: mm(w, False) for w_ in w8s],
-        "fast": [lambda w=w_: mm(w, True) for w_ in w8s],
+        "fp32": [lambda w=w_: scaled_mm(x8, sx, w, sw, False) for w_ in w8s],
+        "fast": [lambda w=w_: scaled_mm(x8, sx, w, sw, True) for w_ in w8s],
     })
     ref = (x8[:ERROR_ROWS].double() @ w8.double().t()) * sx[:ERROR_ROWS].double() * sw.double()
-    err = {fast: rel(mm(w8, fast)[:ERROR_ROWS], ref) for fast in (False, True)}
+    err = {fast: rel(scaled_mm(x8, sx, w8, sw, fast)[:ERROR_ROWS], ref) for fast in (False, True)}
     return [
         f"{name} ({n}x{k})", f"{1000 * t['bf16']:.1f}",
         f"{1000 * t['fp32']:.1f} ({t['bf16'] / t['fp32']:.2f}x)", f"{err[False]:.2e}",
@@ -98,7 +91,7 @@ def quant_rows() -> list[list[str]]:
     rows = []
     for k in sorted({k for _, _, k in SHAPES}):
         x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
-        xs = [x] + [x.clone() for _ in range(copies_for(x.numel() * 2) - 1)]
+        xs = rotation(x)
         t = time_graphs({
             "ours": [lambda x=x_: F.quantize_rows_fp8(x) for x_ in xs],
             "to": [lambda x=x_: x.to(torch.float8_e4m3fn) for x_ in xs],

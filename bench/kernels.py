@@ -102,11 +102,30 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(16, -(-L2_FLUSH_BYTES // max(nbytes, 1))))
 
 
+def rotation(t: torch.Tensor) -> list[torch.Tensor]:
+    """t and enough copies of it that calls cycling through them read device memory, not L2."""
+    return [t] + [t.clone() for _ in range(copies_for(t.numel() * t.element_size()) - 1)]
+
+
+def fp8_operands(
+    x: torch.Tensor, qw: F.QuantizedWeight
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x8, sx, w8, sw): W1.58A8's FP8 GEMM operands already in e4m3, as the op makes them."""
+    x8, sx = F.quantize_rows_fp8(x)
+    w8 = F.ternary_to_fp8(qw.qweight, qw.in_features)
+    return x8, sx, w8, qw.scale.reshape(1, qw.out_features).contiguous()
+
+
+def scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, fast: bool) -> torch.Tensor:
+    """torch._scaled_mm on those operands (row-wise scales, bf16 out; `fast`: use_fast_accum)."""
+    return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
 def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool]]) -> dict[str, float]:
     gen = torch.Generator(device="cuda").manual_seed(n + k + m)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-    ws = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+    ws = rotation(w)
     columns = {"bf16": [lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws]}
     for name, fmt, group, a8 in variants:
         qw = F.quantize(w, fmt, group)
@@ -137,22 +156,12 @@ def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> list:
     """Calls of torch._scaled_mm on pre-quantized e4m3 operands (none where the GPU or torch lacks it)."""
     if torch.cuda.get_device_capability() < (8, 9):
         return []
-    n, k = qw.out_features, qw.in_features
-    x8, sx = F.quantize_rows_fp8(x)
-    w8 = F.ternary_to_fp8(qw.qweight, k)
-    ws = [w8] + [w8.clone() for _ in range(copies_for(w8.numel()) - 1)]
-    sw = qw.scale.reshape(1, n).contiguous()
-
-    def call(w: torch.Tensor) -> torch.Tensor:
-        return torch._scaled_mm(
-            x8, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=F.FP8_FAST_ACCUM
-        )
-
+    x8, sx, w8, sw = fp8_operands(x, qw)
     try:
-        call(w8)
+        scaled_mm(x8, sx, w8, sw, F.FP8_FAST_ACCUM)
     except RuntimeError:
         return []
-    return [lambda w=w_: call(w) for w_ in ws]
+    return [lambda w=w_: scaled_mm(x8, sx, w, sw, F.FP8_FAST_ACCUM) for w_ in rotation(w8)]
 
 
 def cell(t: Optional[float], base: float, share: bool = False) -> str:

@@ -224,7 +224,9 @@ class PackedLinearMixin:
         elif patchset is None:
             patchset = self.resident
 
-        own = None if self.lora_down is None else (_on(self.lora_down, dev), _on(self.lora_up, dev))
+        # bitkernel moves the branch to x's device and dtype itself (linear, add_lowrank): moved here too it
+        # would be copied twice.
+        own = None if self.lora_down is None else (self.lora_down, self.lora_up)
         if wrappers or (patchset is not None and patchset.lowrank is None):
             # Patches that are not a side branch: ComfyUI's math on a dequantized float32 copy, for this call
             # only (never stored). int8 activations (a8) do not apply on this path.

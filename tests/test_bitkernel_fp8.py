@@ -101,11 +101,16 @@ def scaled_mm_calls(monkeypatch):
         calls.append(kwargs.get("out_dtype"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    fp8_path_with(monkeypatch, spy)
+    return calls
+
+
+def fp8_path_with(monkeypatch, scaled_mm):
+    """The FP8 path on, from a clean plan cache, with `scaled_mm` in place of torch._scaled_mm."""
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
     monkeypatch.setattr(F, "_fp8_plans", {})
     monkeypatch.setattr(F, "_fp8_failed", {})
     monkeypatch.setattr(F, "FP8", True)
-    return calls
 
 
 def make_ternary(n, k, gen, device="cuda", bias_dtype=None):
@@ -358,10 +363,7 @@ def test_refused_scaled_mm_falls_back_to_int8_once(monkeypatch):
         calls.append(1)
         raise RuntimeError("row-wise scaling is not supported here")
 
-    monkeypatch.setattr(torch, "_scaled_mm", refuse)
-    monkeypatch.setattr(F, "_fp8_plans", {})
-    monkeypatch.setattr(F, "_fp8_failed", {})
-    monkeypatch.setattr(F, "FP8", True)
+    fp8_path_with(monkeypatch, refuse)
     gen = torch.Generator().manual_seed(6)
     qw, bias = make_ternary(131, 300, gen, bias_dtype=torch.float16)
     x = torch.randn(64, 300, generator=gen).to("cuda", torch.float16)
@@ -385,10 +387,7 @@ def test_refusal_after_a_plan_worked_probes_again(monkeypatch):
             raise RuntimeError("no fused bias for this call")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "_scaled_mm", picky)
-    monkeypatch.setattr(F, "_fp8_plans", {})
-    monkeypatch.setattr(F, "_fp8_failed", {})
-    monkeypatch.setattr(F, "FP8", True)
+    fp8_path_with(monkeypatch, picky)
     gen = torch.Generator().manual_seed(8)
     qw, bias = make_ternary(96, 768, gen, bias_dtype=torch.bfloat16)
     x = torch.randn(64, 768, generator=gen).to("cuda", torch.bfloat16)

@@ -128,7 +128,7 @@ def quantize(
     qweight = torch.empty(n, k // WEIGHTS_PER_BYTE[fmt], dtype=torch.uint8, device=dev)
     args = (FORMAT_CODES[fmt], _ptr(w), n, k, group_size, symmetric, compute, _ptr(scale), _ptr(zero), _ptr(qweight))
     if dev.type == "cuda":
-        with torch.cuda.device(dev):
+        with _on(dev):
             require_cuda().quantize_cuda(*args, _stream(dev))
     elif dev.type == "cpu":
         C.quantize_cpu(*args)
@@ -416,7 +416,7 @@ def ternary_to_fp8(
     q = qweight.contiguous()
     dev = q.device
     out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=dev)
-    with torch.cuda.device(dev):
+    with _on(dev):
         require_cuda().ternary_to_fp8_cuda(_ptr(q), n, in_features, rows, _ptr(out), cols, _stream(dev))
     return out
 
@@ -441,7 +441,7 @@ def quantize_rows_fp8(x: torch.Tensor, cols: Optional[int] = None) -> tuple[torc
         raise ValueError(f"quantize_rows_fp8 needs cols >= K = {k}, got {cols}")
     x8 = torch.empty(m, cols, dtype=torch.float8_e4m3fn, device=x.device)
     sx = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):
+    with _on(x.device):
         require_cuda().quantize_rows_fp8_cuda(
             _ptr(x), DTYPE_CODES[x.dtype], m, k, x.stride(0), _ptr(x8), cols, _ptr(sx), _stream(x.device)
         )
@@ -621,10 +621,6 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.
     _check_lowrank("bitkernel.add_lowrank", down, up, x.shape[-1], y.shape[-1])
     if up.shape[1] == 0:
         return y.clone()
-    return _add_lowrank(y, _like(x, y), _like(down, y), _like(up, y))
-
-
-def _add_lowrank(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n, r = up.shape
-    t = torch.nn.functional.linear(x, down).reshape(-1, r)
-    return torch.addmm(y.reshape(-1, n), t, up.t()).reshape(y.shape)
+    t = torch.nn.functional.linear(_like(x, y), _like(down, y)).reshape(-1, r)
+    return torch.addmm(y.reshape(-1, n), t, _like(up, y).t()).reshape(y.shape)
