@@ -2,7 +2,8 @@
 // weights of FLUX.1-dev's 18432 x 3072 modulation layer, in the small-M kernel's access pattern (lane
 // (g, t) reads 16 B at 16t + 64c of rows g, g+8, 16+g, 24+g: 64 B of each of 32 rows per warp and chunk),
 // in a tiled layout (each warp's chunk 2 KB contiguous), and as a plain grid-stride stream? The loads are
-// XOR-reduced, so the time is the memory system's alone; bench/NOTES.md (session 8) has the H200 numbers.
+// XOR-reduced, so the time is the memory system's alone; bench/NOTES.md (session 8) has the H200 numbers. The TMA
+// variants read the same bytes with cp.async.bulk copies into shared memory (bench/NOTES.md, session 11).
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 bench/read_floor.cu -o /tmp/read_floor && /tmp/read_floor
 //
@@ -64,6 +65,41 @@ __global__ void stream(const uint4* __restrict__ q, int64_t n16, uint32_t* sink)
   if (acc == 0x12345678u) sink[0] = acc;
 }
 
+// TMA: each block reads its contiguous share with cp.async.bulk copies of `piece` bytes into shared memory,
+// all issued up front by one thread (the share must fit), completion on one mbarrier per copy.
+__global__ void tma(const uint8_t* __restrict__ q, int64_t share, int piece, uint32_t* sink) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int copies = static_cast<int>((share + piece - 1) / piece);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem);
+  uint8_t* data = smem + ((copies * 8 + 127) & ~127);
+  const uint8_t* src = q + blockIdx.x * share;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < copies; ++i)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((uint32_t)__cvta_generic_to_shared(bars + i)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int i = 0; i < copies; ++i) {
+      const int64_t left = share - (int64_t)i * piece;
+      const uint32_t bytes = (uint32_t)(left < piece ? left : piece);
+      const uint32_t bar = (uint32_t)__cvta_generic_to_shared(bars + i);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                       (uint32_t)__cvta_generic_to_shared(data + (int64_t)i * piece)),
+                   "l"(src + (int64_t)i * piece), "r"(bytes), "r"(bar) : "memory");
+    }
+  }
+  __syncthreads();
+  uint32_t acc = 0;
+  for (int i = threadIdx.x / 32; i < copies; i += blockDim.x / 32) {  // warp w waits for copies w, w + warps, ...
+    const uint32_t bar = (uint32_t)__cvta_generic_to_shared(bars + i);
+    uint32_t done = 0;
+    while (!done)
+      asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+                   : "=r"(done) : "r"(bar) : "memory");
+    acc ^= *reinterpret_cast<const uint32_t*>(data + (int64_t)i * piece + 4 * (threadIdx.x & 31));
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
+}
+
 int main() {
   const int N = 18432, K = 3072;
   const size_t bytes = (size_t)N * K / 4;
@@ -99,6 +135,18 @@ int main() {
   V(1, 1, 1, 4, 3) V(1, 0, 1, 4, 3) V(1, 0, 2, 4, 3)
   V(0, 1, 1, 12, 1) V(1, 0, 1, 12, 1) V(0, 1, 1, 6, 2) V(1, 0, 1, 6, 2) V(1, 0, 1, 2, 6) V(0, 1, 1, 2, 6)
   V(0, 1, 1, 1, 12) V(1, 0, 1, 1, 12) V(1, 0, 3, 1, 12)
+  CK(cudaFuncSetAttribute(tma, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  for (int per_sm : {1, 2, 4})
+    for (int piece : {1024, 4096, 12288, 32768, 1 << 20}) {
+      const int grid = per_sm * sms;
+      const int64_t share = ((bytes + grid - 1) / grid + 15) / 16 * 16;
+      const int64_t smem = share + 128 + ((share + piece - 1) / piece) * 8;
+      if (smem > 227 * 1024 / per_sm) continue;
+      char name[96];
+      snprintf(name, sizeof name, "TMA %d blk/SM, copies of %d B", per_sm, (int)std::min<int64_t>(piece, share));
+      timeit(name, [&](const uint8_t* p) { tma<<<(int)((bytes + share - 1) / share), 416, smem, st>>>(p, share, piece, sink); });
+      if (piece >= share) break;
+    }
   CK(cudaGetLastError());
   return 0;
 }
