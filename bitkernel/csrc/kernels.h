@@ -35,9 +35,10 @@ void gemv_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const ui
 // returns false, doing nothing, for shapes it does not take; the caller then falls back to
 // gemv_cuda (M <= kGemvMaxM) or the dense path.
 // Ternary in the canonical layout, decoded in registers (cuda/gemv_ternary.cu):
+// xs: per-token scales multiplied into y (x then holds integer codes, W1.58A8), or null.
 bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                        const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
-                       void* y, uintptr_t stream);
+                       const float* xs, void* y, uintptr_t stream);
 // INT4 (cuda/gemv_tc.cu):
 bool gemv_tc_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                   const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
@@ -45,6 +46,8 @@ bool gemv_tc_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const
 // Per-token int8 quantization into xq [M, round_up(K, 64)] (zero padded) and xs [M].
 void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* xq, float* xs,
                        uintptr_t stream);
+// The same codes as 16-bit floats of x's dtype, x16 [M, K] (no padding), for gemv_ternary_cuda.
+void quantize_act16_cuda(const void* x, int dtype, int64_t M, int64_t K, void* x16, float* xs, uintptr_t stream);
 // INT8 tensor-core product of quantized activations and ternary or INT8 weights.
 void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t K,
                   const uint8_t* q, const float* scale, int64_t N, const void* bias, int dtype,

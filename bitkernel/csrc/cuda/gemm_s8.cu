@@ -22,7 +22,10 @@ namespace {
 
 constexpr int BM = 128, BN = 128, BK = 64, LDS = 80, THREADS = 256;
 
-__global__ void quantize_act_kernel(const void* xv, int dtype, int64_t K, int64_t lda, int8_t* xq, float* xs) {
+// Per-token int8 quantization of x [M, K]: the codes into xq [M, lda] (zero padded) and, when x16 is
+// given, also as 16-bit floats of x's dtype into x16 [M, K] (for the small-M ternary kernel).
+__global__ void quantize_act_kernel(const void* xv, int dtype, int64_t K, int64_t lda, int8_t* xq, void* x16,
+                                    float* xs) {
   __shared__ float red[32];
   const int64_t m = blockIdx.x;
   auto load = [&](int64_t k) -> float {
@@ -42,6 +45,14 @@ __global__ void quantize_act_kernel(const void* xv, int dtype, int64_t K, int64_
   __syncthreads();
   const float s = red[0] / 127.f;
   if (threadIdx.x == 0) xs[m] = s;
+  if (x16) {
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const float c = static_cast<float>(int8_code(load(k), s));
+      if (dtype == F16) static_cast<__half*>(x16)[m * K + k] = __float2half_rn(c);
+      else static_cast<__nv_bfloat16*>(x16)[m * K + k] = __float2bfloat16_rn(c);
+    }
+    return;
+  }
   for (int64_t k = threadIdx.x; k < lda; k += blockDim.x) xq[m * lda + k] = k < K ? int8_code(load(k), s) : 0;
 }
 
@@ -216,8 +227,15 @@ void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* x
   check(dtype == F16 || dtype == BF16, "bitkernel: CUDA linear takes float16 or bfloat16 activations");
   if (M == 0) return;
   const int64_t lda = (K + BK - 1) / BK * BK;
-  quantize_act_kernel<<<static_cast<unsigned>(M), 256, 0, as_stream(stream)>>>(x, dtype, K, lda, xq, xs);
+  quantize_act_kernel<<<static_cast<unsigned>(M), 256, 0, as_stream(stream)>>>(x, dtype, K, lda, xq, nullptr, xs);
   check_launch("quantize_act");
+}
+
+void quantize_act16_cuda(const void* x, int dtype, int64_t M, int64_t K, void* x16, float* xs, uintptr_t stream) {
+  check(dtype == F16 || dtype == BF16, "bitkernel: CUDA linear takes float16 or bfloat16 activations");
+  if (M == 0) return;
+  quantize_act_kernel<<<static_cast<unsigned>(M), 256, 0, as_stream(stream)>>>(x, dtype, K, K, nullptr, x16, xs);
+  check_launch("quantize_act16");
 }
 
 void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t K, const uint8_t* q,

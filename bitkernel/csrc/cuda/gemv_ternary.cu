@@ -1,6 +1,8 @@
 // Small-M weight-only product for ternary weights in the canonical 2-bit layout
 // (docs/FORMAT.md), 16-bit activations, M <= 16:
-//   y[m, n] = sum_k x[m, k] * (c[n, k] - 1) * s[n, group(k)] (+ bias[n]).
+//   y[m, n] = sum_k x[m, k] * (c[n, k] - 1) * s[n, group(k)] (* xs[m]) (+ bias[n]).
+// With per-token scales xs, x holds a token quantization's integer codes as 16-bit floats
+// (W1.58A8 at small M: exact, and so are their fp32 sums with ternary weights, |sum| <= 127 K).
 //
 // Why. At M = 1 the 18432 x 3072 modulation layer reads 14.2 MB of weights
 // (3.3 us at ~4.3 TB/s); the earlier kernels were issue-bound at ~5.7
@@ -164,7 +166,7 @@ template <typename T, int NT, int TW, bool GROUPED>
 __global__ void __launch_bounds__(32 * MAX_SPLIT)
     gemv_ternary_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ q,
                         const float* __restrict__ scale, int G, uint32_t gdiv, int N, const T* __restrict__ bias,
-                        T* __restrict__ y, int cpw, uint32_t magic0) {
+                        const float* __restrict__ xs, T* __restrict__ y, int cpw, uint32_t magic0) {
   // Compiled for every architecture, launched on sm_80+ only (the host checks): below, the
   // mma and packed-bf16 helpers trap.
   constexpr int COLS = 8 * NT, LD = COLS + 1, ROWS = 16 * TW;
@@ -326,6 +328,7 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
       v += GROUPED ? (p[4 * m] + p[4 * m + 1]) + (p[4 * m + 2] + p[4 * m + 3]) : p[m];
     }
     if (!GROUPED) v *= scale[n];
+    if (xs) v *= xs[m];
     if (bias) v += to_f32(bias[n]);
     y[static_cast<int64_t>(m) * N + n] = from_f32<T>(v);
   }
@@ -354,7 +357,7 @@ int warps_per_sm(int dev, int smem_per_warp) {
 
 template <typename T, int NT, int TW, bool GROUPED>
 void launch(const void* x, int M, int K, const uint8_t* q, const float* scale, int64_t group, int N,
-            const void* bias, void* y, cudaStream_t s, int dev, int sms) {
+            const void* bias, const float* xs, void* y, cudaStream_t s, int dev, int sms) {
   constexpr int ROWS = 16 * TW, SMEM_PER_WARP = ROWS * (8 * NT + 1) * 4;
   auto kernel = gemv_ternary_kernel<T, NT, TW, GROUPED>;
   const int tiles = (N + ROWS - 1) / ROWS;
@@ -370,14 +373,15 @@ void launch(const void* x, int M, int K, const uint8_t* q, const float* scale, i
   const int G = static_cast<int>(groups_per_row(K, group));
   const uint32_t gdiv = group ? static_cast<uint32_t>(((1ull << 32) + group - 1) / group) : 0u;
   kernel<<<tiles, 32 * S, S * SMEM_PER_WARP, s>>>(static_cast<const T*>(x), M, K, q, scale, G, gdiv, N,
-                                                  static_cast<const T*>(bias), static_cast<T*>(y), cpw,
+                                                  static_cast<const T*>(bias), xs, static_cast<T*>(y), cpw,
                                                   Ternary<T>::MAGIC0);
 }
 
 }  // namespace
 
 bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
-                       const uint8_t* zero, int64_t group, int64_t N, const void* bias, void* y, uintptr_t stream) {
+                       const uint8_t* zero, int64_t group, int64_t N, const void* bias, const float* xs, void* y,
+                       uintptr_t stream) {
   (void)zero;
   if (fmt != TERNARY || (dtype != F16 && dtype != BF16) || M < 1 || M > 16 || N < 1 || N > INT_MAX - 64 ||
       K < 64 || K % 64 != 0 || K > (1 << 29) || (group != 0 && (group % 64 != 0 || K * group >= (1LL << 32))) ||
@@ -396,19 +400,20 @@ bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, 
   auto run = [&](auto tag) {
     using T = decltype(tag);
     if (group == 0) {
-      if (m > 8) launch<T, 2, 1, false>(x, m, k, q, scale, group, n, bias, y, s, dev, sms);
-      else if (two_tiles) launch<T, 1, 2, false>(x, m, k, q, scale, group, n, bias, y, s, dev, sms);
-      else launch<T, 1, 1, false>(x, m, k, q, scale, group, n, bias, y, s, dev, sms);
+      if (m > 8) launch<T, 2, 1, false>(x, m, k, q, scale, group, n, bias, xs, y, s, dev, sms);
+      else if (two_tiles) launch<T, 1, 2, false>(x, m, k, q, scale, group, n, bias, xs, y, s, dev, sms);
+      else launch<T, 1, 1, false>(x, m, k, q, scale, group, n, bias, xs, y, s, dev, sms);
       return;
     }
     // Four columns per token: up to 4 tokens per launch, each launch streaming the weights.
     for (int m0 = 0; m0 < m; m0 += 4) {
       const int mk = std::min(4, m - m0);
-      const T* xs = static_cast<const T*>(x) + static_cast<int64_t>(m0) * k;
+      const T* xt = static_cast<const T*>(x) + static_cast<int64_t>(m0) * k;
+      const float* xst = xs ? xs + m0 : nullptr;
       T* ys = static_cast<T*>(y) + static_cast<int64_t>(m0) * n;
-      if (mk > 2) launch<T, 2, 1, true>(xs, mk, k, q, scale, group, n, bias, ys, s, dev, sms);
-      else if (two_tiles) launch<T, 1, 2, true>(xs, mk, k, q, scale, group, n, bias, ys, s, dev, sms);
-      else launch<T, 1, 1, true>(xs, mk, k, q, scale, group, n, bias, ys, s, dev, sms);
+      if (mk > 2) launch<T, 2, 1, true>(xt, mk, k, q, scale, group, n, bias, xst, ys, s, dev, sms);
+      else if (two_tiles) launch<T, 1, 2, true>(xt, mk, k, q, scale, group, n, bias, xst, ys, s, dev, sms);
+      else launch<T, 1, 1, true>(xt, mk, k, q, scale, group, n, bias, xst, ys, s, dev, sms);
     }
   };
   if (dtype == F16) run(__half{});
