@@ -103,27 +103,23 @@ PYBIND11_MODULE(_C, m) {
               ptr<const uint8_t>(zero), group, N, ptr<const void>(bias), ptr<void>(y), stream);
   });
   // Small M (<= 16) on tensor cores: ternary through gemv_ternary_cuda (every M, canonical layout
-  // decoded in registers), INT4 through gemv_tc_cuda. xs (ternary only, 0 for none): per-token
-  // scales, x then holding quantize_act16_cuda's codes (W1.58A8). False: not taken, the caller
-  // falls back (gemv_cuda for M <= GEMV_MAX_M, else the dense path).
+  // decoded in registers), INT4 through gemv_tc_cuda. xi, xs (ternary only, 0 for none): W1.58A8,
+  // x quantized per token into them first (gemv_ternary_cuda). False: not taken, nothing launched,
+  // the caller falls back (gemv_cuda for M <= GEMV_MAX_M, else the dense path).
   m.def("gemv_tc_cuda", [](int fmt, uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t q, uintptr_t scale,
-                           uintptr_t zero, int64_t group, int64_t N, uintptr_t bias, uintptr_t xs, uintptr_t y,
-                           uintptr_t stream) {
+                           uintptr_t zero, int64_t group, int64_t N, uintptr_t bias, uintptr_t xi, uintptr_t xs,
+                           uintptr_t y, uintptr_t stream) {
     check_format(fmt, K, group);
     if (fmt == TERNARY)
       return gemv_ternary_cuda(fmt, ptr<const void>(x), dtype, M, K, ptr<const uint8_t>(q), ptr<const float>(scale),
-                               ptr<const uint8_t>(zero), group, N, ptr<const void>(bias), ptr<const float>(xs),
-                               ptr<void>(y), stream);
-    check(xs == 0, "bitkernel: per-token scales in the small-M kernel are for ternary weights only");
+                               ptr<const uint8_t>(zero), group, N, ptr<const void>(bias), ptr<void>(xi),
+                               ptr<float>(xs), ptr<void>(y), stream);
+    check(xs == 0, "bitkernel: activation quantization in the small-M kernel is for ternary weights only");
     return gemv_tc_cuda(fmt, ptr<const void>(x), dtype, M, K, ptr<const uint8_t>(q), ptr<const float>(scale),
                         ptr<const uint8_t>(zero), group, N, ptr<const void>(bias), ptr<void>(y), stream);
   });
   m.def("quantize_act_cuda", [](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t xq, uintptr_t xs, uintptr_t stream) {
-    quantize_act_cuda(ptr<const void>(x), dtype, M, K, ptr<int8_t>(xq), ptr<float>(xs), stream);
-  });
-  m.def("quantize_act16_cuda", [](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t x16, uintptr_t xs,
-                                  uintptr_t stream) {
-    quantize_act16_cuda(ptr<const void>(x), dtype, M, K, ptr<void>(x16), ptr<float>(xs), stream);
+    quantize_act_cuda(ptr<const void>(x), dtype, M, K, ptr<int8_t>(xq), nullptr, ptr<float>(xs), stream);
   });
   m.def("gemm_s8_cuda", [](int fmt, uintptr_t xq, uintptr_t xs, int64_t M, int64_t K, uintptr_t q, uintptr_t scale,
                            int64_t N, uintptr_t bias, int dtype, uintptr_t y, uintptr_t stream) {

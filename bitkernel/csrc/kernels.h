@@ -35,19 +35,19 @@ void gemv_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const ui
 // returns false, doing nothing, for shapes it does not take; the caller then falls back to
 // gemv_cuda (M <= kGemvMaxM) or the dense path.
 // Ternary in the canonical layout, decoded in registers (cuda/gemv_ternary.cu):
-// xs: per-token scales multiplied into y (x then holds integer codes, W1.58A8), or null.
+// With xs (W1.58A8), x is first quantized per token: codes into xi [M, K] (x's dtype), scales
+// into xs [M], multiplied into y; null xs and xi for 16-bit activations.
 bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                        const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
-                       const float* xs, void* y, uintptr_t stream);
+                       void* xi, float* xs, void* y, uintptr_t stream);
 // INT4 (cuda/gemv_tc.cu):
 bool gemv_tc_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                   const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
                   void* y, uintptr_t stream);
-// Per-token int8 quantization into xq [M, round_up(K, 64)] (zero padded) and xs [M].
-void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* xq, float* xs,
+// Per-token int8 quantization of x [M, K]: scales into xs [M], the codes into xq [M, round_up(K, 64)]
+// (zero padded) or, with xq null, as 16-bit floats of x's dtype into x16 [M, K] (for gemv_ternary_cuda).
+void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* xq, void* x16, float* xs,
                        uintptr_t stream);
-// The same codes as 16-bit floats of x's dtype, x16 [M, K] (no padding), for gemv_ternary_cuda.
-void quantize_act16_cuda(const void* x, int dtype, int64_t M, int64_t K, void* x16, float* xs, uintptr_t stream);
 // INT8 tensor-core product of quantized activations and ternary or INT8 weights.
 void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t K,
                   const uint8_t* q, const float* scale, int64_t N, const void* bias, int dtype,

@@ -22,8 +22,8 @@ namespace {
 
 constexpr int BM = 128, BN = 128, BK = 64, LDS = 80, THREADS = 256;
 
-// Per-token int8 quantization of x [M, K]: the codes into xq [M, lda] (zero padded) and, when x16 is
-// given, also as 16-bit floats of x's dtype into x16 [M, K] (for the small-M ternary kernel).
+// Per-token int8 quantization of x [M, K]: the codes into xq [M, lda] (zero padded) or, when x16 is
+// given, as 16-bit floats of x's dtype into x16 [M, K] (for the small-M ternary kernel).
 __global__ void quantize_act_kernel(const void* xv, int dtype, int64_t K, int64_t lda, int8_t* xq, void* x16,
                                     float* xs) {
   __shared__ float red[32];
@@ -223,19 +223,13 @@ __global__ void __launch_bounds__(THREADS) gemm_s8_kernel(const int8_t* __restri
 
 }  // namespace
 
-void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* xq, float* xs, uintptr_t stream) {
+void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* xq, void* x16, float* xs,
+                       uintptr_t stream) {
   check(dtype == F16 || dtype == BF16, "bitkernel: CUDA linear takes float16 or bfloat16 activations");
   if (M == 0) return;
   const int64_t lda = (K + BK - 1) / BK * BK;
-  quantize_act_kernel<<<static_cast<unsigned>(M), 256, 0, as_stream(stream)>>>(x, dtype, K, lda, xq, nullptr, xs);
+  quantize_act_kernel<<<static_cast<unsigned>(M), 256, 0, as_stream(stream)>>>(x, dtype, K, lda, xq, x16, xs);
   check_launch("quantize_act");
-}
-
-void quantize_act16_cuda(const void* x, int dtype, int64_t M, int64_t K, void* x16, float* xs, uintptr_t stream) {
-  check(dtype == F16 || dtype == BF16, "bitkernel: CUDA linear takes float16 or bfloat16 activations");
-  if (M == 0) return;
-  quantize_act_kernel<<<static_cast<unsigned>(M), 256, 0, as_stream(stream)>>>(x, dtype, K, K, nullptr, x16, xs);
-  check_launch("quantize_act16");
 }
 
 void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t K, const uint8_t* q,

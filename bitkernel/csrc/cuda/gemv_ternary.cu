@@ -1,8 +1,9 @@
 // Small-M weight-only product for ternary weights in the canonical 2-bit layout
 // (docs/FORMAT.md), 16-bit activations, M <= 16:
 //   y[m, n] = sum_k x[m, k] * (c[n, k] - 1) * s[n, group(k)] (* xs[m]) (+ bias[n]).
-// With per-token scales xs, x holds a token quantization's integer codes as 16-bit floats
-// (W1.58A8 at small M: exact, and so are their fp32 sums with ternary weights, |sum| <= 127 K).
+// With per-token scales xs (W1.58A8 at small M), x is first quantized per token to int8 codes,
+// written as 16-bit floats into xi and read from there: exact, and so are their fp32 sums with
+// ternary weights (|sum| <= 127 K).
 //
 // Why. At M = 1 the 18432 x 3072 modulation layer reads 14.2 MB of weights
 // (3.3 us at ~4.3 TB/s); the earlier kernels were issue-bound at ~5.7
@@ -380,15 +381,19 @@ void launch(const void* x, int M, int K, const uint8_t* q, const float* scale, i
 }  // namespace
 
 bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
-                       const uint8_t* zero, int64_t group, int64_t N, const void* bias, const float* xs, void* y,
+                       const uint8_t* zero, int64_t group, int64_t N, const void* bias, void* xi, float* xs, void* y,
                        uintptr_t stream) {
   (void)zero;
+  const void* xk = xs ? xi : x;  // what the kernel reads
   if (fmt != TERNARY || (dtype != F16 && dtype != BF16) || M < 1 || M > 16 || N < 1 || N > INT_MAX - 64 ||
       K < 64 || K % 64 != 0 || K > (1 << 29) || (group != 0 && (group % 64 != 0 || K * group >= (1LL << 32))) ||
-      reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+      reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(xk) % 16 != 0)
     return false;
   const DeviceInfo info = current_device();
   if (!info.has_mma16816()) return false;
+  // Only once the product is sure to run: the caller quantizes for the int8 GEMM otherwise.
+  if (xs) quantize_act_cuda(x, dtype, M, K, nullptr, xi, xs, stream);
+  x = xk;
   const int dev = info.index, sms = info.sms;
   const cudaStream_t s = as_stream(stream);
   const int n = static_cast<int>(N), k = static_cast<int>(K), m = static_cast<int>(M);

@@ -269,20 +269,13 @@ def _linear_kernels(
             # Few rows are bound by reading the weights: the 16-bit small-M kernel on the int8 codes (exact in
             # fp16 and bf16, and so are their sums with ternary weights: fp32, |sum| <= 127 K), which multiplies
             # by the token's scale in its epilogue, is several times faster than the int8 GEMM's tiles. Two
-            # launches: the codes in x's dtype, then the product.
-            done = False
-            if small and qw.fmt == "ternary":
-                xi = torch.empty(m, k, dtype=x2.dtype, device=dev)
-                lib.quantize_act16_cuda(_ptr(x2), dt, m, k, _ptr(xi), _ptr(xs), stream)
-                done = lib.gemv_tc_cuda(
-                    fmt, _ptr(xi), dt, m, k, qweight, scale, zero, qw.group_size, n, _ptr(bias), _ptr(xs), _ptr(y),
-                    stream,
-                )
-            if not done:
+            # launches, both from the kernel's entry point: the codes in x's dtype into xi, then the product.
+            xi = torch.empty(m, k, dtype=x2.dtype, device=dev) if small and qw.fmt == "ternary" else None
+            if xi is None or not lib.gemv_tc_cuda(*common, _ptr(xi), _ptr(xs), _ptr(y), stream):
                 xq = torch.empty(m, _round_up(k, 64), dtype=torch.int8, device=dev)
                 lib.quantize_act_cuda(_ptr(x2), dt, m, k, _ptr(xq), _ptr(xs), stream)
                 lib.gemm_s8_cuda(fmt, _ptr(xq), _ptr(xs), m, k, qweight, scale, n, _ptr(bias), dt, _ptr(y), stream)
-        elif small and lib.gemv_tc_cuda(*common, 0, _ptr(y), stream):
+        elif small and lib.gemv_tc_cuda(*common, 0, 0, _ptr(y), stream):
             pass  # into tensor cores
         elif small and m <= lib.GEMV_MAX_M:
             lib.gemv_cuda(*common, _ptr(y), stream)  # formats and shapes the tensor-core kernel does not take
