@@ -15,8 +15,9 @@ kernel instead); the "fp8 cuBLAS" column is its ceiling: torch._scaled_mm alone
 on operands already in e4m3 (row-wise scales, bf16 out), without the per-call
 activation quantization and weight expansion. "W1.58A16 expansion" is the
 2-bit to bf16 expansion alone that W1.58A16 runs before cuBLAS above M = 16, as
-a share of the bf16 time. "W1.58A16+r32" runs the op with a rank-32 low-rank
-branch (bf16), as a converted file with the converter's default calibration has.
+a share of the bf16 time. "W1.58A16+r32" and "W1.58A8+r32" run the op with a
+rank-32 low-rank branch (bf16), as a converted file with the converter's default
+calibration has (W1.58A8's FP8 path folds it into its GEMM).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ DECODE = "W1.58A16 expansion"
 # W1.58A16 with a rank-32 low-rank branch (the converter's default --calibrate adds one to every ternary layer).
 BRANCH_RANK = 32
 BRANCH = f"W1.58A16+r{BRANCH_RANK}"
+BRANCH8 = f"W1.58A8+r{BRANCH_RANK}"
 CALLS_PER_GRAPH = 20
 ROUNDS = 9
 L2_FLUSH_BYTES = 256 << 20
@@ -140,12 +142,12 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
             ceiling = fp8_ceiling(x, qw)
             if ceiling:
                 columns[FP8_CEILING] = ceiling
-        if name == "W1.58A16":
-            if m > F.SMALL_M:
+        if name in ("W1.58A16", "W1.58A8"):
+            if m > F.SMALL_M and not a8:
                 columns[DECODE] = [lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]
             lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=x.dtype, generator=gen) * 0.02,
                   torch.randn(n, BRANCH_RANK, device="cuda", dtype=x.dtype, generator=gen) * 0.02)
-            columns[BRANCH] = [lambda q=q_, lr=lr: F.linear(x, q, None, False, lr) for q_ in qws]
+            columns[BRANCH8 if a8 else BRANCH] = [lambda q=q_, a=a8, lr=lr: F.linear(x, q, None, a, lr) for q_ in qws]
     res = time_graphs(columns)
     del columns, ws
     torch.cuda.empty_cache()
@@ -187,6 +189,7 @@ def main() -> None:
     )
     names = [v[0] for v in variants] + ([FP8_CEILING] if "W1.58A8" in args.formats else [])
     names += [DECODE, BRANCH] if "W1.58A16" in args.formats else []
+    names += [BRANCH8] if "W1.58A8" in args.formats else []
     cols = ["bf16 ms"] + [f"{name} ms (x)" for name in names]
     lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for label, n, k in SHAPES:

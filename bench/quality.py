@@ -1,7 +1,8 @@
 """Quality of converted testbed models against the full-precision testbed model.
 
     python bench/quality.py [--weights testbed/weights] [--methods int8 calibrated mse ...] [--n 1200]
-                            [--files extra.safetensors ...] [--device cuda] [--out bench/results/quality.md]
+                            [--files extra.safetensors ...] [--keep DIR] [--device cuda]
+                            [--out bench/results/quality.md]
 
 Each method converts the shipped full-precision testbed transformer with
 converter.convert (the same code path users run on FLUX.1-dev), loads the
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--weights", default="testbed/weights")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--files", nargs="*", default=[], help="already converted bitflux files to score too")
+    ap.add_argument("--keep", help="keep the converted files in this folder (default: a temporary one)")
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"default {DEFAULT_GUIDANCE}")
@@ -178,7 +180,9 @@ def main() -> None:
         if overlapping_prompts(conditioning, eval_prompts(args.n, args.seed)):
             raise SystemExit("calibration prompts overlap the evaluation prompts")
         save_conditioning(cond, conditioning)
-        todo = [(m, os.path.join(tmp, f"{m.replace(' ', '_')}.safetensors")) for m in args.methods]
+        out_dir = args.keep or tmp
+        os.makedirs(out_dir, exist_ok=True)
+        todo = [(m, os.path.join(out_dir, f"{m.replace(' ', '_')}.safetensors")) for m in args.methods]
         todo += [(f, f) for f in args.files]
         for name, path in todo:
             seconds = None

@@ -262,11 +262,60 @@ def test_fp8_operands_in_one_launch_match_the_two_kernels(dtype, m, n, k):
     x8 = torch.full((m, kp), 7, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
     sx = torch.empty(m, 1, dtype=torch.float32, device="cuda")
     w8 = torch.full((rows, kp), 7, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
-    lib.C.fp8_operands_cuda(x.data_ptr(), F.DTYPE_CODES[dtype], m, k, x.stride(0), x8.data_ptr(), kp, sx.data_ptr(),
-                            q.data_ptr(), n, rows, w8.data_ptr(), kp, torch.cuda.current_stream().cuda_stream)
+    assert lib.C.fp8_operands_cuda(
+        x.data_ptr(), F.DTYPE_CODES[dtype], m, k, x.stride(0), x8.data_ptr(), kp, sx.data_ptr(),
+        q.data_ptr(), n, rows, w8.data_ptr(), kp, 0, 0, 0, 0, 0, 0, torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
     xr, sr = F.quantize_rows_fp8(x)
     assert torch.equal(codes(x8), codes(xr)) and torch.equal(sx, sr)
     assert torch.equal(codes(w8), codes(F.ternary_to_fp8(q, k, rows, kp)))
+
+
+@fp8_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,r", [(37, 131, 3072, 32), (5, 16, 64, 8), (40, 19, 15360, 24), (3, 7, 16, 40)])
+def test_fp8_operands_with_the_folded_branch(dtype, m, n, k, r):
+    """With a branch (t [M, R], up [N, R]) the operands are [x | t] quantized as one row and
+    [codes | e4m3(up / s)] with the GEMM's column scales s (1, and zero codes, where s is 0), bit for bit."""
+    gen = torch.Generator().manual_seed(m + n + k + r)
+    x = (torch.randn(m, k, generator=gen) * 3).to("cuda", dtype)
+    t = (torch.randn(m, r, generator=gen) * torch.logspace(-2, 2, m).unsqueeze(1)).to("cuda", dtype)
+    up = (torch.randn(n, r, generator=gen) * 0.05).to("cuda", dtype)
+    scale = torch.rand(n, 1, generator=gen).cuda() * 0.05 + 0.01
+    scale[n // 2] = 0
+    scale[1] = 1e-5  # max|up| / s ~ 10^4: this row's codes become +-2^-e (e = 5 or 6)
+    up[n // 2] *= 20000  # beyond 448 with the zero row's scale of 1 too
+    q = pack_codes("ternary", torch.randint(0, 3, (n, k), generator=gen)).cuda()
+    kp, rows = round_up(k + r), round_up(n)
+    x8 = torch.full((m, kp), 7, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    sx = torch.empty(m, 1, dtype=torch.float32, device="cuda")
+    w8 = torch.full((rows, kp), 7, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    sw = torch.full((1, rows), -1.0, device="cuda")
+    assert lib.C.fp8_operands_cuda(
+        x.data_ptr(), F.DTYPE_CODES[dtype], m, k, k, x8.data_ptr(), kp, sx.data_ptr(), q.data_ptr(), n, rows,
+        w8.data_ptr(), kp, t.data_ptr(), r, r, up.data_ptr(), scale.data_ptr(), sw.data_ptr(),
+        torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
+    xr, sr = F.quantize_rows_fp8(torch.cat([x, t], 1), kp)
+    assert torch.equal(codes(x8), codes(xr)) and torch.equal(sx, sr)
+    sc, mag = fold_scales(scale, up)
+    assert sc[1] > 2 * scale[1].item() and sc[n // 2] > 1  # the exponent is exercised
+    assert torch.equal(sw[0, :n].cpu(), sc) and torch.all(sw[0, n:] == 1)
+    wr = F.ternary_to_fp8(q, k, rows, kp).float()
+    wr[:n] *= mag[:, None].cuda()
+    wr[n // 2] = 0
+    wr[:n, k : k + r] = (up.double() / sc[:, None].cuda().double()).float()
+    wr = wr.to(torch.float8_e4m3fn)
+    assert not torch.isnan(wr.float()).any()
+    assert torch.equal(codes(w8), codes(wr))
+    # A rank the kernel does not take (not a multiple of 8) is refused without writing anything.
+    before = codes(x8).clone()
+    assert not lib.C.fp8_operands_cuda(
+        x.data_ptr(), F.DTYPE_CODES[dtype], m, k, k, x8.data_ptr(), kp, sx.data_ptr(), q.data_ptr(), n, rows,
+        w8.data_ptr(), kp, t.data_ptr(), r - 1, r, up.data_ptr(), scale.data_ptr(), sw.data_ptr(),
+        torch.cuda.current_stream().cuda_stream,
+    )  # fmt: skip
+    assert torch.equal(codes(x8), before)
 
 
 # ---------------------------------------------------------------------------
@@ -314,6 +363,89 @@ def test_a8_op_leading_dims_strided_input_and_zero_weight_rows(scaled_mm_calls):
     xs = big[:, 32 : 32 + k]
     assert not xs.is_contiguous()
     assert torch.equal(F.linear(xs, qw, bias, True), F.linear(xs.contiguous(), qw, bias, True))
+
+
+def fold_scales(scale, up):
+    """(column scales, code magnitudes 2^-e) of the folded branch's weight rows (cuda/fp8.cu, Fold): s, or 1
+    where s is 0, doubled (at most 9 times) while max|up[n]| exceeds 448 times it; float32 as the kernel."""
+    sc = scale.reshape(-1).float().cpu().clone()
+    sc[sc == 0] = 1
+    amax = up.abs().amax(1).float().cpu()
+    mag = torch.ones_like(sc)
+    for _ in range(9):
+        need = amax > 448 * sc
+        sc, mag = torch.where(need, sc * 2, sc), torch.where(need, mag / 2, mag)
+    return sc, mag
+
+
+def ref_linear_fp8_fold(x, qw, bias, down, up):
+    """The FP8 GEMM with the branch folded into its K (cuda/fp8.cu, Fold), in float64: rows [x | t] with
+    t = x @ down.T (the op's own cuBLAS call) quantized together, weight rows [codes 2^-e | e4m3(up / sc)] with
+    column scales sc (fold_scales), and a row of scale 0 taken as zero codes."""
+    k, n = qw.in_features, qw.out_features
+    x2 = x.reshape(-1, k)
+    t = torch.nn.functional.linear(x2, down)
+    q, s = ref_quantize_rows(torch.cat([x2, t], 1))
+    sc, mag = fold_scales(qw.scale, up)
+    w = dequantize("ternary", qw.qweight.cpu(), torch.ones(n, 1), None, k, 0).double() * mag.double()[:, None]
+    w[qw.scale.reshape(-1).cpu() == 0] = 0
+    sc = sc.double()
+    u8 = (up.double().cpu() / sc[:, None]).float().to(torch.float8_e4m3fn).double()
+    y = (q.double().cpu() * s.double().cpu()) @ torch.cat([w, u8], 1).T * sc
+    if bias is not None:
+        y = y + bias.double().cpu()
+    return y.reshape(*x.shape[:-1], n)
+
+
+@fp8_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [17, 100, 4608])
+@pytest.mark.parametrize("n,k,r", [(131, 4 * 76, 8), (96, 768, 32), (3072, 3072, 32), (40, 256, 24)])
+def test_a8_branch_folded_into_the_gemm(monkeypatch, dtype, m, n, k, r):
+    if n * k > 10**6 and m < 4608:
+        pytest.skip("the FLUX-sized layer is covered at large M")
+    widths = []
+    real = torch._scaled_mm
+    fp8_path_with(monkeypatch, lambda a, *rest, **kw: widths.append(a.shape[1]) or real(a, *rest, **kw))
+    gen = torch.Generator().manual_seed(m + n + r)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    w[3] = 0  # scale 0: the fold gives the row column scale 1 and zero codes, the branch still counts
+    qw = F.quantize(w.cuda(), "ternary")
+    assert qw.scale[3].item() == 0
+    qw.scale[5] = 1e-6  # a row whose branch is ~10^4 times its weights: codes +-2^-e, column scale s 2^e
+    bias = (torch.randn(n, generator=gen) * 0.1).to("cuda", dtype)
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    x[m // 2] = 0
+    down = (torch.randn(r, k, generator=gen) * 0.05).to("cuda", dtype)
+    up = (torch.randn(n, r, generator=gen) * 0.05).to("cuda", dtype)
+    y = F.linear(x, qw, bias, True, (down, up))
+    assert widths == [round_up(k + r)], "the branch was not folded into the GEMM's K"
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = ref_linear_fp8_fold(x, qw, bias, down, up)
+    assert rel_err(y.cpu(), ref) < tolerance(dtype), rel_err(y.cpu(), ref)
+    col3 = (y[:, 3].double().cpu() - ref[:, 3]).norm() / ref[:, 3].norm()
+    assert col3 < 2e-2, col3  # the zero-scale row: bias + branch
+    assert torch.equal(y[m // 2], bias)  # a zero row: t = 0 too
+    # Against the exact branch in float64 the fold adds e4m3's rounding of t and up: small next to the branch.
+    exact = ref_linear_fp8(x, qw, bias).cpu() + (x.double() @ down.double().T @ up.double().T).cpu()
+    branch = (x.double() @ down.double().T @ up.double().T).cpu()
+    assert (y.cpu().double() - exact).norm() < 0.1 * branch.norm() + tolerance(dtype) * exact.norm()
+
+
+@fp8_gpu
+def test_a8_branch_of_other_ranks_runs_apart(monkeypatch):
+    widths = []
+    real = torch._scaled_mm
+    fp8_path_with(monkeypatch, lambda a, *rest, **kw: widths.append(a.shape[1]) or real(a, *rest, **kw))
+    gen = torch.Generator().manual_seed(12)
+    qw, bias = make_ternary(96, 768, gen, bias_dtype=torch.bfloat16)
+    x = torch.randn(64, 768, generator=gen).to("cuda", torch.bfloat16)
+    down = (torch.randn(5, 768, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    up = (torch.randn(96, 5, generator=gen) * 0.05).to("cuda", torch.bfloat16)
+    y = F.linear(x, qw, bias, True, (down, up))
+    assert widths == [768]
+    ref = ref_linear_fp8(x, qw, bias).cpu() + (x.double() @ down.double().T @ up.double().T).cpu()
+    assert rel_err(y.cpu(), ref) < tolerance(torch.bfloat16)
 
 
 @fp8_gpu

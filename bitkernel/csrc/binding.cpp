@@ -139,10 +139,12 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("fp8_operands_cuda", [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t ldx, uintptr_t x8, int64_t ldo,
                                 uintptr_t scales, uintptr_t q, int64_t N, int64_t rows, uintptr_t w8, int64_t ldw,
+                                uintptr_t t, int64_t R, int64_t ldt, uintptr_t up, uintptr_t s, uintptr_t sw,
                                 uintptr_t stream) {
     check_format(TERNARY, K, 0);
-    fp8_operands_cuda(ptr<const void>(x), dtype, M, K, ldx, ptr<uint8_t>(x8), ldo, ptr<float>(scales),
-                      ptr<const uint8_t>(q), N, rows, ptr<uint8_t>(w8), ldw, stream);
+    return fp8_operands_cuda(ptr<const void>(x), dtype, M, K, ldx, ptr<uint8_t>(x8), ldo, ptr<float>(scales),
+                             ptr<const uint8_t>(q), N, rows, ptr<uint8_t>(w8), ldw, ptr<const void>(t), R, ldt,
+                             ptr<const void>(up), ptr<const float>(s), ptr<float>(sw), stream);
   });
 #endif
 }

@@ -66,8 +66,13 @@ void quantize_rows_fp8_cuda(const void* x, int dtype, int64_t M, int64_t K, int6
                             float* scales, uintptr_t stream);
 // Both of the above in one launch where the shapes and alignments allow (FLUX.1-dev's all do), else as the
 // two calls: x8 [M, ldo] and scales from x, e4m3 weights [rows, ldw] from the codes of an N x K matrix.
-void fp8_operands_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo,
+// With t (non-null) a low-rank branch t @ up.T is folded into the GEMM's K (see cuda/fp8.cu, Fold): t [M, R]
+// (row stride ldt) and up [N, R] in x's dtype, s the weights' row scales [N]; sw [rows] receives the GEMM's
+// column scales. Returns false, having done nothing, where the fold does not apply (the caller then runs the
+// branch separately); true otherwise.
+bool fp8_operands_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo,
                        float* scales, const uint8_t* q, int64_t N, int64_t rows, uint8_t* w8, int64_t ldw,
+                       const void* t, int64_t R, int64_t ldt, const void* up, const float* s, float* sw,
                        uintptr_t stream);
 // Throws bitkernel::Error naming the CUDA error after a launch.
 void check_launch(const char* what);

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include "cuda/device.cuh"
 #include "kernels.h"
@@ -146,10 +147,11 @@ __device__ __forceinline__ uint32_t codes_to_nibbles(uint32_t w) {
 }
 
 // One 32-bit word of codes (16 weights) -> 16 e4m3 bytes in weight order.
-__device__ __forceinline__ uint4 ternary_word_to_e4m3(uint32_t w) {
+// `table` as kTernaryToE4M3, for other weight magnitudes (the folded branch's rows, below).
+__device__ __forceinline__ uint4 ternary_word_to_e4m3(uint32_t w, uint32_t table = kTernaryToE4M3) {
   const uint32_t lo = codes_to_nibbles(w), hi = codes_to_nibbles(w >> 16);
-  return make_uint4(__byte_perm(kTernaryToE4M3, 0, lo), __byte_perm(kTernaryToE4M3, 0, lo >> 16),
-                    __byte_perm(kTernaryToE4M3, 0, hi), __byte_perm(kTernaryToE4M3, 0, hi >> 16));
+  return make_uint4(__byte_perm(table, 0, lo), __byte_perm(table, 0, lo >> 16), __byte_perm(table, 0, hi),
+                    __byte_perm(table, 0, hi >> 16));
 }
 
 // One thread per 16 output bytes: reads one word of codes (VEC: one 32-bit load;
@@ -193,19 +195,24 @@ __global__ void ternary_to_fp8_kernel(const uint8_t* __restrict__ q, uint32_t N,
 // an H200. Each thread stages and reads back only its own 16-byte pieces, so the
 // stage needs no barrier. Needs K % 8 == 0, 16-byte aligned rows of x and 8-byte
 // aligned rows of out, and nvec * 16 bytes of dynamic shared memory.
+//
+// With a folded branch (rvec > 0) the row is [x_m | t_m]: t [M, 8 rvec] (row stride ldt) is staged after x
+// and quantized with the same row scale, so its codes land in columns K.. of out.
 template <typename T, int ITEMS>
 __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int64_t ldx, int K, int64_t M,
                                                    uint8_t* __restrict__ out, int64_t ldo, float* __restrict__ scales,
-                                                   int64_t first, int64_t stride) {
+                                                   int64_t first, int64_t stride, const T* __restrict__ t = nullptr,
+                                                   int64_t ldt = 0, int rvec = 0) {
 #if __CUDA_ARCH__ >= 890
   extern __shared__ uint4 stage[];
   __shared__ uint32_t red[2][32];  // one per row parity: a fast warp may start the next row's max early
-  const int nvec = K / 8;
+  const int xvec = K / 8, nvec = xvec + rvec;
   const auto fetch = [&](int64_t row) {
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int j = threadIdx.x + i * kThreads;
-      if (j < nvec) cp_async16(&stage[j], x + row * ldx + 8 * j);
+      if (j < xvec) cp_async16(&stage[j], x + row * ldx + 8 * j);
+      else if (j < nvec) cp_async16(&stage[j], t + row * ldt + 8 * (j - xvec));
     }
     asm volatile("cp.async.commit_group;\n" ::: "memory");
   };
@@ -234,9 +241,27 @@ __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int6
       const int j = threadIdx.x + i * kThreads;
       if (j < nvec) *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(v[i], d);
     }
-    for (int64_t k = K + threadIdx.x; k < ldo; k += kThreads) orow[k] = 0;
+    for (int64_t k = 8 * nvec + threadIdx.x; k < ldo; k += kThreads) orow[k] = 0;
   }
 #endif
+}
+
+// One 16-byte vector of the folded branch's weight columns: bytes e4m3(up[n][r] / s) for r = r0.. r0 + 15
+// (zeros past R; R % 8 == 0 and 16-byte aligned rows of up), the quotient correctly rounded as in the rows.
+template <typename T>
+__device__ __forceinline__ uint4 up_vector(const T* __restrict__ up_row, int r0, int R, const RowDivider& d) {
+  uint32_t p[8];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint4 v = r0 + 8 * h < R ? load8(up_row + r0 + 8 * h) : make_uint4(0, 0, 0, 0);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = Bits16<T>::pair(w[i]);
+      p[4 * h + i] = __nv_cvt_float2_to_fp8x2(make_float2(d(f.x), d(f.y)), __NV_SATFINITE, __NV_E4M3);
+    }
+  }
+  return make_uint4(p[0] | (p[1] << 16), p[2] | (p[3] << 16), p[4] | (p[5] << 16), p[6] | (p[7] << 16));
 }
 
 // The single-pass quantization, with the weight expansion in the same launch where
@@ -246,18 +271,68 @@ __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int6
 // the SMs as the quantization's blocks run out of rows. One launch instead of two
 // saves a launch's host time and one kernel's ramp and drain on the GPU (attn.proj
 // at M = 4608 on an H200: 80.5 -> 77.1 us for the whole op).
-template <typename T, int ITEMS>
+//
+// With a folded low-rank branch (Fold, below) the GEMM's K grows by R: x8 rows are [x | t] with t = x @ down.T,
+// and w8 rows [codes | up[n] / s[n]]; the GEMM's column scale s[n] restores up, so one FP8 GEMM gives
+// x @ W.T + t @ up.T, where a separate branch writes [M, N] once more and reads it back. A row whose scale is 0
+// (its weights are all 0) gets column scale 1 and zero codes instead, so that up / s stays finite: the
+// kernel writes the GEMM's column scales (sw) itself. Where max|up[n]| / s[n] exceeds e4m3's 448, the row's
+// column scale becomes s[n] 2^e and its codes +-2^-e (exact in e4m3 down to 2^-9), with the smallest e <= 9
+// that fits; past 448 * 2^9 the quotients saturate (a branch 10^5 times the row's weights: not a calibrated
+// adapter). Error: e4m3 keeps ~2^-4 of each up[n][r] / s[n] (and 2^-10 s[n] absolutely where it is
+// subnormal), small next to the ternary weights' own steps of s[n].
+template <typename T> struct Fold {
+  const T* t;      // [M, R], row stride ldt
+  int64_t ldt;
+  int rvec;        // R / 8
+  const T* up;     // [N, R]
+  const float* s;  // the weights' row scales [N]
+  float* sw;       // out: the GEMM's column scales [rows]
+};
+
+template <typename T, int ITEMS, bool FOLD>
 __global__ void __launch_bounds__(kThreads) fp8_operands_kernel(const T* __restrict__ x, int64_t ldx, int K, int64_t M,
                                                                 uint8_t* __restrict__ x8, int64_t ldo,
                                                                 float* __restrict__ scales, unsigned qblocks,
                                                                 const uint8_t* __restrict__ q, uint32_t N,
                                                                 uint32_t chunks_per_row, uint32_t total,
-                                                                uint8_t* __restrict__ w8, int64_t ldw) {
-  if (blockIdx.x < qblocks)
-    quantize_rows_walk<T, ITEMS>(x, ldx, K, M, x8, ldo, scales, blockIdx.x, qblocks);
-  else
-    expand_vector<true>(q, N, static_cast<uint32_t>(K), chunks_per_row, total, w8, ldw,
-                        (blockIdx.x - qblocks) * kThreads + threadIdx.x);
+                                                                uint8_t* __restrict__ w8, int64_t ldw, Fold<T> f) {
+  if (blockIdx.x < qblocks) {
+    if constexpr (FOLD) quantize_rows_walk<T, ITEMS>(x, ldx, K, M, x8, ldo, scales, blockIdx.x, qblocks, f.t, f.ldt, f.rvec);
+    else quantize_rows_walk<T, ITEMS>(x, ldx, K, M, x8, ldo, scales, blockIdx.x, qblocks);
+    return;
+  }
+  const uint32_t idx = (blockIdx.x - qblocks) * kThreads + threadIdx.x;
+  if constexpr (!FOLD) {
+    expand_vector<true>(q, N, static_cast<uint32_t>(K), chunks_per_row, total, w8, ldw, idx);
+  } else {
+    if (idx >= total) return;
+    const uint32_t n = idx / chunks_per_row, k0 = (idx - n * chunks_per_row) * 16, R = 8 * f.rvec;
+    // Loaded before the scale is known, so that the loads are in flight together.
+    const uint32_t w = n < N && k0 < static_cast<uint32_t>(K)
+                           ? __ldg(reinterpret_cast<const uint32_t*>(q + static_cast<int64_t>(n) * (K / 4) + k0 / 4))
+                           : 0x55555555u;
+    const float s = n < N ? f.s[n] : 1.f;
+    uint32_t umax = 0;  // max |up[n]| as a 16-bit pattern (every thread of the row reads the row: L1 hits)
+    if (n < N)
+      for (int j = 0; j < f.rvec; ++j) umax = max_abs_bits(umax, load8(f.up + static_cast<int64_t>(n) * R + 8 * j));
+    const float amax = Bits16<T>::to_float(max(umax & 0xffffu, umax >> 16));
+    const bool zero_row = s == 0.f;
+    float sc = zero_row ? 1.f : s;
+    int e = 0;
+    while (e < 9 && amax > 448.f * sc) sc *= 2.f, ++e;  // exact: powers of two
+    if (k0 == 0) f.sw[n] = sc;
+    uint4 v;
+    if (k0 < static_cast<uint32_t>(K)) {
+      // +-2^-e: exponent field 7 - e (bias 7) while normal, then the subnormals 4, 2, 1 (x 2^-9).
+      const uint32_t mag = e <= 6 ? static_cast<uint32_t>(7 - e) << 3 : 4u >> (e - 7);
+      v = ternary_word_to_e4m3(zero_row ? 0x55555555u : w, (mag << 16) | mag | 0x80u);
+    } else {
+      v = n < N && k0 < K + R ? up_vector<T>(f.up + static_cast<int64_t>(n) * R, static_cast<int>(k0 - K), static_cast<int>(R), RowDivider(sc))
+                              : make_uint4(0, 0, 0, 0);
+    }
+    *reinterpret_cast<uint4*>(w8 + static_cast<int64_t>(n) * ldw + k0) = v;
+  }
 }
 
 // Two passes over the row (the second mostly hits L2): any K, any alignment
@@ -294,10 +369,10 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_fp8_2pass(const T* __r
 
 // Blocks of fp8_operands_kernel that fit on the GPU at once, counted with the largest stage ITEMS allows:
 // the quantization's grid, whose blocks then walk rows.
-template <typename T, int ITEMS> unsigned resident_blocks() {
+template <typename T, int ITEMS, bool FOLD> unsigned resident_blocks() {
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fp8_operands_kernel<T, ITEMS>, kThreads,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fp8_operands_kernel<T, ITEMS, FOLD>, kThreads,
                                                       16 * ITEMS * kThreads) != cudaSuccess) {
       cudaGetLastError();
       n = 1;
@@ -307,26 +382,33 @@ template <typename T, int ITEMS> unsigned resident_blocks() {
   return static_cast<unsigned>(per_sm * current_device().sms);
 }
 
-template <typename T, int ITEMS>
+template <typename T, int ITEMS, bool FOLD>
 void launch_operands(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo, float* scales,
-                     const uint8_t* q, int64_t N, uint8_t* w8, int64_t ldw, uint32_t total, cudaStream_t s) {
-  const unsigned qblocks = static_cast<unsigned>(std::min<int64_t>(M, resident_blocks<T, ITEMS>()));
+                     const uint8_t* q, int64_t N, uint8_t* w8, int64_t ldw, uint32_t total, const Fold<T>& f,
+                     cudaStream_t s) {
+  const unsigned qblocks = static_cast<unsigned>(std::min<int64_t>(M, resident_blocks<T, ITEMS, FOLD>()));
   const unsigned eblocks = (total + kThreads - 1) / kThreads;
-  const size_t smem = static_cast<size_t>(K / 8) * 16;  // the staged row
-  fp8_operands_kernel<T, ITEMS><<<qblocks + eblocks, kThreads, smem, s>>>(
+  const size_t smem = static_cast<size_t>(K / 8 + f.rvec) * 16;  // the staged row
+  fp8_operands_kernel<T, ITEMS, FOLD><<<qblocks + eblocks, kThreads, smem, s>>>(
       x, ldx, static_cast<int>(K), M, x8, ldo, scales, qblocks, q, static_cast<uint32_t>(N),
-      static_cast<uint32_t>(ldw / 16), total, w8, ldw);
+      static_cast<uint32_t>(ldw / 16), total, w8, ldw, f);
 }
 
-// The single pass for rows of K <= 64 * kThreads (K % 8 == 0), with `total` 16-byte vectors of expanded weights
-// (0: the quantization alone).
+// The single pass for rows of K + R <= 64 * kThreads (K % 8 == 0), with `total` 16-byte vectors of expanded
+// weights (0: the quantization alone) and, where f.rvec > 0, the folded branch.
 template <typename T>
 void launch_single_pass(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo, float* scales,
-                        const uint8_t* q, int64_t N, uint8_t* w8, int64_t ldw, uint32_t total, cudaStream_t s) {
-  const int64_t nvec = K / 8;
-  if (nvec <= 2 * kThreads) launch_operands<T, 2>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, s);
-  else if (nvec <= 4 * kThreads) launch_operands<T, 4>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, s);
-  else launch_operands<T, 8>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, s);
+                        const uint8_t* q, int64_t N, uint8_t* w8, int64_t ldw, uint32_t total, const Fold<T>& f,
+                        cudaStream_t s) {
+  const int64_t nvec = K / 8 + f.rvec;
+  const auto run = [&](auto fold) {
+    constexpr bool FOLD = decltype(fold)::value;
+    if (nvec <= 2 * kThreads) launch_operands<T, 2, FOLD>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, f, s);
+    else if (nvec <= 4 * kThreads) launch_operands<T, 4, FOLD>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, f, s);
+    else launch_operands<T, 8, FOLD>(x, M, K, ldx, x8, ldo, scales, q, N, w8, ldw, total, f, s);
+  };
+  if (f.rvec > 0) run(std::true_type{});
+  else run(std::false_type{});
 }
 
 template <typename T>
@@ -335,7 +417,7 @@ void launch_quantize_rows(const T* x, int64_t M, int64_t K, int64_t ldx, uint8_t
   const bool vec = K % 8 == 0 && ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && ldo % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(out) % 8 == 0;
   const unsigned grid = static_cast<unsigned>(M);
-  if (vec && K / 8 <= 8 * kThreads) launch_single_pass(x, M, K, ldx, out, ldo, scales, nullptr, 0, nullptr, 16, 0u, s);
+  if (vec && K / 8 <= 8 * kThreads) launch_single_pass(x, M, K, ldx, out, ldo, scales, nullptr, 0, nullptr, 16, 0u, Fold<T>{}, s);
   else if (vec) quantize_rows_fp8_2pass<T, true><<<grid, kThreads, 0, s>>>(x, ldx, K, out, ldo, scales);
   else quantize_rows_fp8_2pass<T, false><<<grid, kThreads, 0, s>>>(x, ldx, K, out, ldo, scales);
 }
@@ -355,7 +437,7 @@ bool fp8_supported_cuda() {
   }
   if (dev < kMaxDevices && cache[dev].load() != 0) return cache[dev].load() == 2;
   cudaFuncAttributes a{};
-  bool ok = cudaFuncGetAttributes(&a, fp8_operands_kernel<__half, 2>) == cudaSuccess && a.ptxVersion >= 89;
+  bool ok = cudaFuncGetAttributes(&a, fp8_operands_kernel<__half, 2, false>) == cudaSuccess && a.ptxVersion >= 89;
   cudaGetLastError();  // clear an error of the query above: it is an answer, not a failure
   if (dev < kMaxDevices) cache[dev].store(ok ? 2 : 1);
   return ok;
@@ -395,27 +477,41 @@ void quantize_rows_fp8_cuda(const void* x, int dtype, int64_t M, int64_t K, int6
   check_launch("quantize_rows_fp8");
 }
 
-void fp8_operands_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo,
+bool fp8_operands_cuda(const void* x, int dtype, int64_t M, int64_t K, int64_t ldx, uint8_t* x8, int64_t ldo,
                        float* scales, const uint8_t* q, int64_t N, int64_t rows, uint8_t* w8, int64_t ldw,
+                       const void* t, int64_t R, int64_t ldt, const void* up, const float* s, float* sw,
                        uintptr_t stream) {
   const auto aligned = [](const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
   const int64_t total = rows * (ldw / 16);
+  const bool fold = t != nullptr;
   // What the one launch takes: both kernels' vector layouts, a row that fits the single-pass stage, and the
   // arguments the separate entry points would accept (anything else goes to them, which say what is wrong).
   const bool one_launch = (dtype == F16 || dtype == BF16) && M > 0 && M <= 0x7fffffffLL && N > 0 && K % 16 == 0 &&
                           K / 8 <= 8 * kThreads && ldx >= 0 && ldx % 8 == 0 && aligned(x, 16) && ldo >= K &&
                           ldo % 8 == 0 && aligned(x8, 8) && aligned(q, 4) && rows >= N && ldw >= K && ldw % 16 == 0 &&
                           aligned(w8, 16) && total > 0 && total < (1LL << 32) - kThreads && fp8_supported_cuda();
+  // The folded branch (Fold): only in the one launch, with t's rows in 16-byte pieces and room for K + R.
+  const bool foldable = one_launch && R > 0 && R % 8 == 0 && (K + R) / 8 <= 8 * kThreads && ldt >= R &&
+                        ldt % 8 == 0 && aligned(t, 16) && aligned(up, 16) && s != nullptr && sw != nullptr &&
+                        ldo >= K + R && ldw >= K + R;
+  if (fold && !foldable) return false;  // the caller runs the branch on its own
   if (!one_launch) {
     quantize_rows_fp8_cuda(x, dtype, M, K, ldx, x8, ldo, scales, stream);
     ternary_to_fp8_cuda(q, N, K, rows, w8, ldw, stream);
-    return;
+    return true;
   }
-  const cudaStream_t s = as_stream(stream);
-  const auto t = static_cast<uint32_t>(total);
-  if (dtype == F16) launch_single_pass(static_cast<const __half*>(x), M, K, ldx, x8, ldo, scales, q, N, w8, ldw, t, s);
-  else launch_single_pass(static_cast<const __nv_bfloat16*>(x), M, K, ldx, x8, ldo, scales, q, N, w8, ldw, t, s);
+  const cudaStream_t st = as_stream(stream);
+  const auto tt = static_cast<uint32_t>(total);
+  const auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const Fold<T> f = fold ? Fold<T>{static_cast<const T*>(t), ldt, static_cast<int>(R / 8), static_cast<const T*>(up), s, sw}
+                           : Fold<T>{};
+    launch_single_pass(static_cast<const T*>(x), M, K, ldx, x8, ldo, scales, q, N, w8, ldw, tt, f, st);
+  };
+  if (dtype == F16) go(__half{});
+  else go(__nv_bfloat16{});
   check_launch("fp8_operands");
+  return true;
 }
 
 }  // namespace bitkernel

@@ -43,6 +43,9 @@ _FORMAT_NAMES = {v: k for k, v in FORMAT_CODES.items()}
 
 # W1.58A8 as FP8 on sm_89+ (module docstring). A switch for A/B measurements and a way out.
 FP8: bool = os.environ.get("BITKERNEL_FP8", "1").strip().lower() not in ("0", "false", "off", "no")
+# W1.58A8's FP8 path folds a low-rank branch of rank 8, 16, 24, ... into its GEMM (see _linear_fp8). A switch for
+# A/B measurements: `BITKERNEL_FP8_FOLD=0` in the environment (read at import) runs the branch apart.
+FP8_FOLD: bool = os.environ.get("BITKERNEL_FP8_FOLD", "1").strip().lower() not in ("0", "false", "off", "no")
 # From this many rows on W1.58A8 takes the FP8 path. Below, the int8 small-M path stays: the
 # expansion of the weights to e4m3 (4x the packed bytes, written and read back) would dominate.
 FP8_MIN_M = SMALL_M + 1
@@ -220,7 +223,7 @@ def _linear_impl(
     dev = x.device
     y, fused = None, False
     if dev.type == "cuda" and _use_fp8(qw.fmt, group_size, act_int8, m, dev):
-        y = _linear_fp8(x2, qweight, scale, bias)
+        y, fused = _linear_fp8(x2, qweight, scale, bias, down, up)
     if y is None:
         x2 = x2.contiguous()  # non-contiguous inputs are copied, never rejected
         y, fused = _linear_kernels(x2, qw, bias, act_int8, down, up)
@@ -443,50 +446,85 @@ def quantize_rows_fp8(x: torch.Tensor, cols: Optional[int] = None) -> tuple[torc
 
 
 def _linear_fp8(
-    x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
-) -> Optional[torch.Tensor]:
-    """W1.58A8 as e4m3 x e4m3 -> fp32 on FP8 tensor cores; None if torch._scaled_mm refuses."""
+    x2: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    down: Optional[torch.Tensor],
+    up: Optional[torch.Tensor],
+) -> tuple[Optional[torch.Tensor], bool]:
+    """W1.58A8 as e4m3 x e4m3 -> fp32 on FP8 tensor cores: (y, whether the branch is in it); y is None if
+    torch._scaled_mm refuses.
+
+    A low-rank branch (down [R, K], up [N, R] in x's dtype) is folded into the same GEMM where the kernel takes
+    it (R a multiple of 8): its K grows by R, with t = x @ down.T quantized beside x and up / s beside the ternary
+    codes (cuda/fp8.cu, Fold), so [M, N] is written once instead of written, read back and written again."""
     dev = x2.device
     m, k = x2.shape
     n = qweight.shape[0]
-    kp, np_ = _round_up(k, _FP8_ALIGN), _round_up(n, _FP8_ALIGN)
+    np_ = _round_up(n, _FP8_ALIGN)
     lib = require_cuda()
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     with _on(dev):
-        # The activations' codes and scales (quantize_rows_fp8) and the weights in e4m3 (ternary_to_fp8), in one
-        # launch. The weights are expanded per call into a temporary (the caching allocator reuses the block), so
-        # they stay 2-bit in memory: 1.25 bytes of traffic per weight, a few percent of the GEMM at M = 4608
-        # (3072 x 12288: 47 MB, ~14 us on an H200), more at a few hundred rows.
-        x8 = torch.empty(m, kp, dtype=torch.float8_e4m3fn, device=dev)
-        sx = torch.empty(m, 1, dtype=torch.float32, device=dev)
-        w8 = torch.empty(np_, kp, dtype=torch.float8_e4m3fn, device=dev)
-        lib.fp8_operands_cuda(
-            _ptr(x2), DTYPE_CODES[x2.dtype], m, k, x2.stride(0), _ptr(x8), kp, _ptr(sx),
-            _ptr(qweight.contiguous()), n, np_, _ptr(w8), kp, _stream(dev),
-        )
-        sw = scale.reshape(1, n).contiguous()  # the per-row weight scales are the GEMM's column scales
-        if np_ != n:
-            sw = torch.nn.functional.pad(sw, (0, np_ - n))
-            bias = None if bias is None else torch.nn.functional.pad(bias, (0, np_ - n))
-        plan, y = _fp8_plans.get((dev.index, x2.dtype)), None
-        if plan is not None:  # the common case: this output plan has run on this device
-            try:
-                y = _scaled_mm(x8, w8, sx, sw, bias, *plan)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError:  # refused for this call's shape or bias: probe the plans again
-                pass
+        stream = _stream(dev)
+        t = torch.nn.functional.linear(x2, down) if FP8_FOLD and down is not None and down.shape[0] % 8 == 0 else None
+        for fold in (True, False) if t is not None else (False,):
+            # The activations' codes and scales and the weights in e4m3, in one launch. The weights are expanded
+            # per call into a temporary (the caching allocator reuses the block), so they stay 2-bit in memory:
+            # 1.25 bytes of traffic per weight, a few percent of the GEMM at M = 4608 (3072 x 12288: 47 MB,
+            # ~14 us on an H200), more at a few hundred rows.
+            r = t.shape[1] if fold else 0
+            kp = _round_up(k + r, _FP8_ALIGN)
+            x8 = torch.empty(m, kp, dtype=torch.float8_e4m3fn, device=dev)
+            sx = torch.empty(m, 1, dtype=torch.float32, device=dev)
+            w8 = torch.empty(np_, kp, dtype=torch.float8_e4m3fn, device=dev)
+            sw = torch.empty(1, np_, dtype=torch.float32, device=dev) if fold else None
+            if lib.fp8_operands_cuda(
+                _ptr(x2), DTYPE_CODES[x2.dtype], m, k, x2.stride(0), _ptr(x8), kp, _ptr(sx),
+                _ptr(qweight.contiguous()), n, np_, _ptr(w8), kp,
+                _ptr(t if fold else None), r, r, _ptr(up.contiguous() if fold else None),
+                _ptr(scale.contiguous() if fold else None), _ptr(sw), stream,
+            ):  # fmt: skip
+                break  # False only where the kernel does not take the fold: then without it
+        if sw is None:  # the per-row weight scales are the GEMM's column scales
+            sw = torch.nn.functional.pad(scale.reshape(1, n), (0, np_ - n)) if np_ != n else scale.reshape(1, n)
+        return _fp8_gemm(x8, sx, w8, sw.contiguous(), bias, n, x2.dtype), fold
+
+
+def _fp8_gemm(
+    x8: torch.Tensor,
+    sx: torch.Tensor,
+    w8: torch.Tensor,
+    sw: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    n: int,
+    dtype: torch.dtype,
+) -> Optional[torch.Tensor]:
+    """y [M, n] in `dtype` from the FP8 operands (w8 and its column scales sw [1, N'] zero padded to N' rows);
+    None if torch._scaled_mm refuses. Runs on x8's device, which must be current."""
+    dev = x8.device
+    np_ = w8.shape[0]
+    if np_ != n and bias is not None:
+        bias = torch.nn.functional.pad(bias, (0, np_ - n))
+    plan, y = _fp8_plans.get((dev.index, dtype)), None
+    if plan is not None:  # the common case: this output plan has run on this device
+        try:
+            y = _scaled_mm(x8, w8, sx, sw, bias, *plan)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:  # refused for this call's shape or bias: probe the plans again
+            pass
+    if y is None:
+        plan, y = _first_scaled_mm(x8, w8, sx, sw, bias, dtype, dev)
         if y is None:
-            plan, y = _first_scaled_mm(x8, w8, sx, sw, bias, x2.dtype, dev)
-            if y is None:
-                return None
+            return None
     out_dtype, fuse_bias = plan
     if np_ != n:
         y = y[:, :n]
         bias = None if bias is None else bias[:n]
-    if out_dtype != x2.dtype:
-        y = y.to(x2.dtype)
+    if out_dtype != dtype:
+        y = y.to(dtype)
     if bias is not None and not fuse_bias:
         y = y + bias
     # Where N was padded and nothing above copied, y is a strided view: the op's output must be contiguous,
@@ -543,7 +581,9 @@ def linear(
     `lowrank` = (down [R, K], up [N, R]) is the layer's side branch (quality adapters, user LoRAs), computed
     in x's dtype on x's device (converted if not). Inside the op it costs less than `add_lowrank` after it:
     above SMALL_M rows with 16-bit activations cuBLAS adds the main product onto the branch's in its
-    epilogue, so [M, N] is written once more instead of written, read and written again.
+    epilogue, so [M, N] is written once more instead of written, read and written again; on W1.58A8's FP8
+    path a branch whose rank is a multiple of 8 is folded into the GEMM itself (x @ down.T and up / s as R
+    more columns of its operands, both rounded to e4m3), so [M, N] is written once.
 
     `act_int8` quantizes each row of x to 8 bits inside the op (W8A8, W1.58A8);
     it needs ternary or int8 weights with one scale per row. x may be
