@@ -105,6 +105,15 @@ def scaled_mm_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def scaled_mm_widths(monkeypatch):
+    """The K of each torch._scaled_mm call (the FP8 path's GEMM), from a clean plan cache."""
+    widths = []
+    real = torch._scaled_mm
+    fp8_path_with(monkeypatch, lambda a, *rest, **kw: widths.append(a.shape[1]) or real(a, *rest, **kw))
+    return widths
+
+
 def fp8_path_with(monkeypatch, scaled_mm):
     """The FP8 path on, from a clean plan cache, with `scaled_mm` in place of torch._scaled_mm."""
     monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
@@ -401,12 +410,9 @@ def ref_linear_fp8_fold(x, qw, bias, down, up):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [17, 100, 4608])
 @pytest.mark.parametrize("n,k,r", [(131, 4 * 76, 8), (96, 768, 32), (3072, 3072, 32), (40, 256, 24)])
-def test_a8_branch_folded_into_the_gemm(monkeypatch, dtype, m, n, k, r):
+def test_a8_branch_folded_into_the_gemm(scaled_mm_widths, dtype, m, n, k, r):
     if n * k > 10**6 and m < 4608:
         pytest.skip("the FLUX-sized layer is covered at large M")
-    widths = []
-    real = torch._scaled_mm
-    fp8_path_with(monkeypatch, lambda a, *rest, **kw: widths.append(a.shape[1]) or real(a, *rest, **kw))
     gen = torch.Generator().manual_seed(m + n + r)
     w = torch.randn(n, k, generator=gen) * 0.05
     w[3] = 0  # scale 0: the fold gives the row column scale 1 and zero codes, the branch still counts
@@ -419,7 +425,7 @@ def test_a8_branch_folded_into_the_gemm(monkeypatch, dtype, m, n, k, r):
     down = (torch.randn(r, k, generator=gen) * 0.05).to("cuda", dtype)
     up = (torch.randn(n, r, generator=gen) * 0.05).to("cuda", dtype)
     y = F.linear(x, qw, bias, True, (down, up))
-    assert widths == [round_up(k + r)], "the branch was not folded into the GEMM's K"
+    assert scaled_mm_widths == [round_up(k + r)], "the branch was not folded into the GEMM's K"
     assert y.dtype == dtype and y.shape == (m, n)
     ref = ref_linear_fp8_fold(x, qw, bias, down, up)
     assert rel_err(y.cpu(), ref) < tolerance(dtype), rel_err(y.cpu(), ref)
@@ -433,17 +439,14 @@ def test_a8_branch_folded_into_the_gemm(monkeypatch, dtype, m, n, k, r):
 
 
 @fp8_gpu
-def test_a8_branch_of_other_ranks_runs_apart(monkeypatch):
-    widths = []
-    real = torch._scaled_mm
-    fp8_path_with(monkeypatch, lambda a, *rest, **kw: widths.append(a.shape[1]) or real(a, *rest, **kw))
+def test_a8_branch_of_other_ranks_runs_apart(scaled_mm_widths):
     gen = torch.Generator().manual_seed(12)
     qw, bias = make_ternary(96, 768, gen, bias_dtype=torch.bfloat16)
     x = torch.randn(64, 768, generator=gen).to("cuda", torch.bfloat16)
     down = (torch.randn(5, 768, generator=gen) * 0.05).to("cuda", torch.bfloat16)
     up = (torch.randn(96, 5, generator=gen) * 0.05).to("cuda", torch.bfloat16)
     y = F.linear(x, qw, bias, True, (down, up))
-    assert widths == [768]
+    assert scaled_mm_widths == [768]
     ref = ref_linear_fp8(x, qw, bias).cpu() + (x.double() @ down.double().T @ up.double().T).cpu()
     assert rel_err(y.cpu(), ref) < tolerance(torch.bfloat16)
 

@@ -154,16 +154,11 @@ __device__ __forceinline__ uint4 ternary_word_to_e4m3(uint32_t w, uint32_t table
                     __byte_perm(table, 0, hi >> 16));
 }
 
-// One thread per 16 output bytes: reads one word of codes (VEC: one 32-bit load;
-// else up to four byte loads with bounds) and writes one 16-byte vector. Rows
-// >= N and columns >= K are written as zeros (padding for the GEMM's alignment).
-// 32-bit index arithmetic, as in dequantize_vec_kernel: the host checks it fits.
+// The word of codes (16 weights) behind output bytes k0..k0 + 15 of row n (VEC: one 32-bit load; else up to
+// four byte loads with bounds); code 1 (weight 0) past the N x K codes: the GEMM's zero padding.
 template <bool VEC>
-__device__ __forceinline__ void expand_vector(const uint8_t* __restrict__ q, uint32_t N, uint32_t K,
-                                              uint32_t chunks_per_row, uint32_t total, uint8_t* __restrict__ out,
-                                              int64_t ldo, uint32_t idx) {
-  if (idx >= total) return;
-  const uint32_t n = idx / chunks_per_row, k0 = (idx - n * chunks_per_row) * 16;
+__device__ __forceinline__ uint32_t code_word(const uint8_t* __restrict__ q, uint32_t N, uint32_t K, uint32_t n,
+                                              uint32_t k0) {
   const uint32_t rb = K / 4;
   uint32_t w = 0x55555555u;  // code 1 everywhere = weight 0
   if (n < N && k0 < K) {
@@ -176,7 +171,18 @@ __device__ __forceinline__ void expand_vector(const uint8_t* __restrict__ q, uin
         if (k0 / 4 + b < rb) w = (w & ~(0xffu << (8 * b))) | (static_cast<uint32_t>(row[k0 / 4 + b]) << (8 * b));
     }
   }
-  *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * ldo + k0) = ternary_word_to_e4m3(w);
+  return w;
+}
+
+// One thread per 16 output bytes: one word of codes -> one 16-byte vector.
+// 32-bit index arithmetic, as in dequantize_vec_kernel: the host checks it fits.
+template <bool VEC>
+__device__ __forceinline__ void expand_vector(const uint8_t* __restrict__ q, uint32_t N, uint32_t K,
+                                              uint32_t chunks_per_row, uint32_t total, uint8_t* __restrict__ out,
+                                              int64_t ldo, uint32_t idx) {
+  if (idx >= total) return;
+  const uint32_t n = idx / chunks_per_row, k0 = (idx - n * chunks_per_row) * 16;
+  *reinterpret_cast<uint4*>(out + static_cast<int64_t>(n) * ldo + k0) = ternary_word_to_e4m3(code_word<VEC>(q, N, K, n, k0));
 }
 
 template <bool VEC>
@@ -201,8 +207,8 @@ __global__ void ternary_to_fp8_kernel(const uint8_t* __restrict__ q, uint32_t N,
 template <typename T, int ITEMS>
 __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int64_t ldx, int K, int64_t M,
                                                    uint8_t* __restrict__ out, int64_t ldo, float* __restrict__ scales,
-                                                   int64_t first, int64_t stride, const T* __restrict__ t = nullptr,
-                                                   int64_t ldt = 0, int rvec = 0) {
+                                                   int64_t first, int64_t stride, const T* __restrict__ t,
+                                                   int64_t ldt, int rvec) {
 #if __CUDA_ARCH__ >= 890
   extern __shared__ uint4 stage[];
   __shared__ uint32_t red[2][32];  // one per row parity: a fast warp may start the next row's max early
@@ -290,6 +296,38 @@ template <typename T> struct Fold {
   float* sw;       // out: the GEMM's column scales [rows]
 };
 
+// expand_vector with the folded branch: output row n is [codes 2^-e | e4m3(up[n] / sc) | 0], sc = s[n] 2^e
+// (or 2^e for a zero-scale row, whose codes are zeros), written to f.sw[n] by the row's first thread.
+template <typename T>
+__device__ __forceinline__ void expand_vector_fold(const uint8_t* __restrict__ q, uint32_t N, uint32_t K,
+                                                   uint32_t chunks_per_row, uint32_t total, uint8_t* __restrict__ w8,
+                                                   int64_t ldw, uint32_t idx, const Fold<T>& f) {
+  if (idx >= total) return;
+  const uint32_t n = idx / chunks_per_row, k0 = (idx - n * chunks_per_row) * 16, R = 8 * f.rvec;
+  const uint32_t w = code_word<true>(q, N, K, n, k0);  // loaded before the scale is known: the loads fly together
+  const float s = n < N ? f.s[n] : 1.f;
+  uint32_t umax = 0;  // max |up[n]| as a 16-bit pattern (every thread of the row reads the row: L1 hits)
+  if (n < N)
+    for (int j = 0; j < f.rvec; ++j) umax = max_abs_bits(umax, load8(f.up + static_cast<int64_t>(n) * R + 8 * j));
+  const float amax = Bits16<T>::to_float(max(umax & 0xffffu, umax >> 16));
+  const bool zero_row = s == 0.f;
+  float sc = zero_row ? 1.f : s;
+  int e = 0;
+  while (e < 9 && amax > 448.f * sc) sc *= 2.f, ++e;  // exact: powers of two
+  if (k0 == 0) f.sw[n] = sc;
+  uint4 v;
+  if (k0 < K) {
+    // +-2^-e: exponent field 7 - e (bias 7) while normal, then the subnormals 4, 2, 1 (x 2^-9).
+    const uint32_t mag = e <= 6 ? static_cast<uint32_t>(7 - e) << 3 : 4u >> (e - 7);
+    v = ternary_word_to_e4m3(zero_row ? 0x55555555u : w, (mag << 16) | mag | 0x80u);
+  } else {
+    v = n < N && k0 < K + R ? up_vector<T>(f.up + static_cast<int64_t>(n) * R, static_cast<int>(k0 - K),
+                                           static_cast<int>(R), RowDivider(sc))
+                            : make_uint4(0, 0, 0, 0);
+  }
+  *reinterpret_cast<uint4*>(w8 + static_cast<int64_t>(n) * ldw + k0) = v;
+}
+
 template <typename T, int ITEMS, bool FOLD>
 __global__ void __launch_bounds__(kThreads) fp8_operands_kernel(const T* __restrict__ x, int64_t ldx, int K, int64_t M,
                                                                 uint8_t* __restrict__ x8, int64_t ldo,
@@ -298,41 +336,12 @@ __global__ void __launch_bounds__(kThreads) fp8_operands_kernel(const T* __restr
                                                                 uint32_t chunks_per_row, uint32_t total,
                                                                 uint8_t* __restrict__ w8, int64_t ldw, Fold<T> f) {
   if (blockIdx.x < qblocks) {
-    if constexpr (FOLD) quantize_rows_walk<T, ITEMS>(x, ldx, K, M, x8, ldo, scales, blockIdx.x, qblocks, f.t, f.ldt, f.rvec);
-    else quantize_rows_walk<T, ITEMS>(x, ldx, K, M, x8, ldo, scales, blockIdx.x, qblocks);
+    quantize_rows_walk<T, ITEMS>(x, ldx, K, M, x8, ldo, scales, blockIdx.x, qblocks, f.t, f.ldt, FOLD ? f.rvec : 0);
     return;
   }
   const uint32_t idx = (blockIdx.x - qblocks) * kThreads + threadIdx.x;
-  if constexpr (!FOLD) {
-    expand_vector<true>(q, N, static_cast<uint32_t>(K), chunks_per_row, total, w8, ldw, idx);
-  } else {
-    if (idx >= total) return;
-    const uint32_t n = idx / chunks_per_row, k0 = (idx - n * chunks_per_row) * 16, R = 8 * f.rvec;
-    // Loaded before the scale is known, so that the loads are in flight together.
-    const uint32_t w = n < N && k0 < static_cast<uint32_t>(K)
-                           ? __ldg(reinterpret_cast<const uint32_t*>(q + static_cast<int64_t>(n) * (K / 4) + k0 / 4))
-                           : 0x55555555u;
-    const float s = n < N ? f.s[n] : 1.f;
-    uint32_t umax = 0;  // max |up[n]| as a 16-bit pattern (every thread of the row reads the row: L1 hits)
-    if (n < N)
-      for (int j = 0; j < f.rvec; ++j) umax = max_abs_bits(umax, load8(f.up + static_cast<int64_t>(n) * R + 8 * j));
-    const float amax = Bits16<T>::to_float(max(umax & 0xffffu, umax >> 16));
-    const bool zero_row = s == 0.f;
-    float sc = zero_row ? 1.f : s;
-    int e = 0;
-    while (e < 9 && amax > 448.f * sc) sc *= 2.f, ++e;  // exact: powers of two
-    if (k0 == 0) f.sw[n] = sc;
-    uint4 v;
-    if (k0 < static_cast<uint32_t>(K)) {
-      // +-2^-e: exponent field 7 - e (bias 7) while normal, then the subnormals 4, 2, 1 (x 2^-9).
-      const uint32_t mag = e <= 6 ? static_cast<uint32_t>(7 - e) << 3 : 4u >> (e - 7);
-      v = ternary_word_to_e4m3(zero_row ? 0x55555555u : w, (mag << 16) | mag | 0x80u);
-    } else {
-      v = n < N && k0 < K + R ? up_vector<T>(f.up + static_cast<int64_t>(n) * R, static_cast<int>(k0 - K), static_cast<int>(R), RowDivider(sc))
-                              : make_uint4(0, 0, 0, 0);
-    }
-    *reinterpret_cast<uint4*>(w8 + static_cast<int64_t>(n) * ldw + k0) = v;
-  }
+  if constexpr (FOLD) expand_vector_fold<T>(q, N, static_cast<uint32_t>(K), chunks_per_row, total, w8, ldw, idx, f);
+  else expand_vector<true>(q, N, static_cast<uint32_t>(K), chunks_per_row, total, w8, ldw, idx);
 }
 
 // Two passes over the row (the second mostly hits L2): any K, any alignment

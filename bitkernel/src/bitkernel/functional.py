@@ -454,7 +454,7 @@ def _linear_fp8(
     up: Optional[torch.Tensor],
 ) -> tuple[Optional[torch.Tensor], bool]:
     """W1.58A8 as e4m3 x e4m3 -> fp32 on FP8 tensor cores: (y, whether the branch is in it); y is None if
-    torch._scaled_mm refuses.
+    torch._scaled_mm refuses (the branch then runs with the int8 kernel's product).
 
     A low-rank branch (down [R, K], up [N, R] in x's dtype) is folded into the same GEMM where the kernel takes
     it (R a multiple of 8): its K grows by R, with t = x @ down.T quantized beside x and up / s beside the ternary
@@ -489,7 +489,10 @@ def _linear_fp8(
                 break  # False only where the kernel does not take the fold: then without it
         if sw is None:  # the per-row weight scales are the GEMM's column scales
             sw = torch.nn.functional.pad(scale.reshape(1, n), (0, np_ - n)) if np_ != n else scale.reshape(1, n)
-        return _fp8_gemm(x8, sx, w8, sw.contiguous(), bias, n, x2.dtype), fold
+        y = _fp8_gemm(x8, sx, w8, sw.contiguous(), bias, n, x2.dtype)
+        if y is not None and t is not None and not fold:  # the kernel did not take the fold: t serves the branch
+            y.addmm_(t, up.t())
+        return y, t is not None
 
 
 def _fp8_gemm(
