@@ -65,14 +65,28 @@ def quantize_act(x: torch.Tensor) -> torch.Tensor:
 def quantize_act_fp8(x: torch.Tensor) -> torch.Tensor:
     """Per-token e4m3 fake quantization: what W1.58A8 multiplies with on sm_89+ at M > 16.
 
-    s = max|x| / 448 (1 for a zero row), code = e4m3(RN_f32(x / s)); the float64 divisions
-    rounded once to float32 are the correctly rounded float32 quotients.
+    s = fp8_row_scales(max|x|), code = e4m3(x / s) (exact quotients: s is a power of two).
     """
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    s = torch.where(amax > 0, (amax.double() / 448).float(), torch.ones_like(amax))
-    q = (xf.double() / s.double()).float().to(torch.float8_e4m3fn)
+    q, s = quantize_rows_fp8(x)
     return q.double() * s.double()
+
+
+def fp8_row_scales(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two 2^E >= amax / 448 with E >= -126 (1 where amax is 0 or not finite),
+    searched exactly in float64 over the exponents instead of read off the float's bits."""
+    a = amax.double()
+    e = torch.full_like(a, -126.0)
+    for _ in range(260):  # raise E while 448 * 2^E < amax (E <= 128 covers float32)
+        e = torch.where(448.0 * torch.exp2(e) < a, e + 1, e)
+    s = torch.exp2(e).float()
+    return torch.where((amax > 0) & torch.isfinite(amax), s, torch.ones_like(s))
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 codes [M, K], float32 scales [M, 1]), rows as fp8_row_scales says."""
+    xf = x.float()
+    s = fp8_row_scales(xf.abs().amax(dim=-1, keepdim=True))
+    return (xf.double() / s.double()).float().to(torch.float8_e4m3fn), s
 
 
 def linear(x, fmt, qweight, scale, zero, group_size, bias=None, act_int8=False, act_fp8=False) -> torch.Tensor:

@@ -25,7 +25,9 @@ def random_codes(fmt, n, k, gen):
 
 
 @pytest.mark.parametrize("fmt,group,sym", CASES)
-@pytest.mark.parametrize("n,k", [(1, 4 * 64), (37, 4 * 53), (130, 196), (5, 1028)])
+# K % 16 == 8 and (300, 520) (partial last group, many warps) take the vectorised CUDA expansion in 16-bit
+# chunks; K % 8 == 4 only in 32-bit ones.
+@pytest.mark.parametrize("n,k", [(1, 4 * 64), (37, 4 * 53), (130, 196), (5, 1028), (3, 264), (300, 520)])
 def test_dequantize_matches_reference(device, fmt, group, sym, n, k):
     gen = torch.Generator().manual_seed(n * 1000 + k)
     codes = random_codes(fmt, n, k, gen)

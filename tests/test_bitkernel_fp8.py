@@ -11,11 +11,10 @@ import torch
 import bitkernel._lib as lib
 import bitkernel.functional as F
 
-from kernel_reference import dequantize, pack_codes, unpack_codes
+from kernel_reference import dequantize, fp8_row_scales, pack_codes, quantize_rows_fp8, unpack_codes
 from kernel_reference import linear as ref_linear
 
 HAS_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-E4M3_MAX = 448.0
 
 
 def fp8_gpu(test):
@@ -36,19 +35,6 @@ def rel_err(y, ref):
 # References in plain torch (documented rule of functional.quantize_rows_fp8).
 
 
-def ref_quantize_rows(x):
-    """x [M, K] -> (e4m3 codes [M, K], float32 scales [M, 1]): s = max|x| / 448 (1 if 0), e4m3(x / s).
-
-    The divisions run in float64 and are rounded once to float32, which gives the correctly
-    rounded float32 quotient (53 >= 2 * 24 + 2 bits), whatever torch's float32 kernels do.
-    """
-    xf = x.float()
-    amax = xf.abs().amax(dim=1, keepdim=True)
-    s = torch.where(amax > 0, (amax.double() / E4M3_MAX).float(), torch.ones_like(amax))
-    q = (xf.double() / s.double()).float().to(torch.float8_e4m3fn)
-    return q, s
-
-
 def ref_ternary_to_fp8(qweight, k, rows, cols):
     w = (unpack_codes("ternary", qweight.cpu()) - 1).float()
     w[w > 1] = 0  # the invalid code 3 reads as weight 0
@@ -60,7 +46,7 @@ def ref_ternary_to_fp8(qweight, k, rows, cols):
 def ref_linear_fp8(x, qw, bias):
     """float64 product of the e4m3-quantized activations and the exact ternary weights."""
     k = qw.in_features
-    q, s = ref_quantize_rows(x.reshape(-1, k))
+    q, s = quantize_rows_fp8(x.reshape(-1, k))
     xr = q.double() * s.double()
     w = dequantize("ternary", qw.qweight, qw.scale, None, k, 0).to(x.device)
     y = xr @ w.T
@@ -168,6 +154,22 @@ def test_output_plan():
     assert plan(fp16, (10, 0), "2.11.0", "13.0") == (bf16, False)
 
 
+def test_row_scales_match_the_reference():
+    """The calibration's fake quantization uses F.fp8_row_scales: the kernel's rule (tested bit for bit on the
+    GPU below) against the reference's exponent search, on the CPU."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.cat([
+        torch.exp(torch.randn(4000, generator=gen) * 30),  # e^+-90 and beyond: every binade of float32
+        torch.tensor([0.0, float("inf"), float("nan"), 1e-45, 1e-38, 5e-36, 448.0, 448.0 * 2**-20, 3.4e38]),
+        torch.tensor([448.0 * 2**k for k in range(-40, 40)]).nextafter(torch.tensor(1e39)),  # just above a power
+    ]).float().unsqueeze(1)  # fmt: skip
+    ref = fp8_row_scales(a)
+    got = F.fp8_row_scales(a)
+    assert torch.equal(got, ref)
+    ok = (a > 0) & torch.isfinite(a)
+    assert torch.all(a[ok] / got[ok] <= 448) and torch.all(got[~ok] == 1)
+
+
 def test_env_switch_read_at_import():
     code = "import bitkernel.functional as F; print(F.FP8)"
     for value, expect in (("0", "False"), (None, "True")):
@@ -223,8 +225,8 @@ def awkward_rows(m, k, dtype, gen):
     x[4] = torch.randn(k, generator=gen) * 1e-3
     x[4, k // 2] = 300.0  # one outlier: most codes land in e4m3's subnormals or flush to +-0
     x = x.to(dtype)
-    if dtype == torch.bfloat16:  # scales outside [2^-60, 2^60]: the kernel's plain-division branch
-        x[5] = (torch.randn(k, generator=gen) * 1e-25).to(dtype)
+    if dtype == torch.bfloat16:  # the ends of bf16's range: a scale below 2^-126 (clamped there), one of 2^80
+        x[5] = (torch.randn(k, generator=gen) * 1e-37).to(dtype)
         x[6] = (torch.randn(k, generator=gen) * 1e25).to(dtype)
     return x
 
@@ -240,7 +242,7 @@ def test_quantize_rows_fp8_bit_exact(dtype, k, m):
     gen = torch.Generator().manual_seed(k + m)
     x = awkward_rows(m, k, dtype, gen).cuda()
     q, s = F.quantize_rows_fp8(x)
-    qr, sr = ref_quantize_rows(x.cpu())
+    qr, sr = quantize_rows_fp8(x.cpu())
     assert q.shape == (m, round_up(k)) and s.shape == (m, 1) and s.dtype == torch.float32
     assert torch.equal(s.cpu(), sr)
     assert torch.equal(codes(q[:, :k]), codes(qr))
@@ -394,7 +396,7 @@ def ref_linear_fp8_fold(x, qw, bias, down, up):
     k, n = qw.in_features, qw.out_features
     x2 = x.reshape(-1, k)
     t = torch.nn.functional.linear(x2, down)
-    q, s = ref_quantize_rows(torch.cat([x2, t], 1))
+    q, s = quantize_rows_fp8(torch.cat([x2, t], 1))
     sc, mag = fold_scales(qw.scale, up)
     w = dequantize("ternary", qw.qweight.cpu(), torch.ones(n, 1), None, k, 0).double() * mag.double()[:, None]
     w[qw.scale.reshape(-1).cpu() == 0] = 0

@@ -51,11 +51,12 @@ def act_rounding(fmt: str, device: torch.device) -> str:
 
 def fake_quant_act(x: Tensor, rounding: str) -> Tensor:
     """x rounded per row as bitkernel's A8 ops round it, with a straight-through gradient: "int8" is
-    round(x / s) in [-127, 127] with s = max|x| / 127; "e4m3" is e4m3(x / s) with s = max|x| / 448."""
+    round(x / s) in [-127, 127] with s = max|x| / 127; "e4m3" is e4m3(x / s) with s the power of two
+    bitkernel.functional.fp8_row_scales gives (max|x| / s <= 448)."""
     amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
     xf = x.detach().float()
     if rounding == "e4m3":
-        s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+        s = BF.fp8_row_scales(amax)
         q = (xf / s).to(torch.float8_e4m3fn).float() * s
     else:
         s = amax.clamp_min(1e-30) / 127

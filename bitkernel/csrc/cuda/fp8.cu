@@ -7,9 +7,13 @@
 // ternary_to_fp8: canonical 2-bit codes [N, K/4] -> dense e4m3 [rows, ldo]
 //   (-1/0/+1, zero padded). Per-row scales are applied by the GEMM (scale_b).
 // quantize_rows_fp8: x [M, K] fp16/bf16 (row stride ldx) -> e4m3 [M, ldo] with
-//   s[m] = max|x_m| / 448 (1 for rows whose max is 0), code = RNE_e4m3(RN_f32(x / s)).
-//   The quotient is the correctly rounded float32 x / s, so the codes are
-//   bit-identical to torch's (x.float() / s).to(torch.float8_e4m3fn).
+//   s[m] = the smallest power of two 2^E >= max|x_m| / 448 (E >= -126; 1 for rows whose max is 0 or not
+//   finite),
+//   code = RNE_e4m3(x / s). x / s is exact in float32, so the codes are bit-identical to torch's
+//   (x.float() / s).to(torch.float8_e4m3fn), and one multiplication makes each (a scale of max|x| / 448
+//   took a correctly rounded division: 5 more instructions an element, and the operand kernel was bound
+//   by issue). e4m3 keeps 3 mantissa bits at any exponent, so a power-of-two scale changes the codes'
+//   precision only for the smallest values, which leave the normal range up to one binade sooner.
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -41,8 +45,8 @@ template <> struct Bits16<__nv_bfloat16> {
   static __device__ __forceinline__ float2 pair(uint32_t w) { return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u)); }
 };
 
-// Divides by the row scale s, giving the correctly rounded float32 x / s (what
-// torch computes) in 5 FMA-pipe instructions instead of the ~10 of a full
+// Divides by a scale s that is not a power of two (the folded branch's up / s, below), giving the
+// correctly rounded float32 x / s (what torch computes) in 5 FMA-pipe instructions instead of the ~10 of a full
 // IEEE division: y = RN(1/s) once per row, q0 = x * y, then two Markstein
 // corrections q += (x - q * s) * y. Checked exhaustively over every fp16 and
 // bf16 x against RN(x / s) for thousands of s on the CPU (glibc fmaf): the e4m3
@@ -92,21 +96,30 @@ __device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* red) {
   return red[0];
 }
 
-// s = max|x| / 448 (IEEE division); rows whose max is 0 (or NaN) get 1, so
-// their codes are x / 1 (zeros for a zero row).
-template <typename T> __device__ __forceinline__ float row_scale(uint32_t amax_bits) {
+// A row's scale s = 2^E and 1 / s = 2^-E, both exact. With max|x| = f 2^ex (f in [0.5, 1)) and
+// 448 = 0.875 2^9, the smallest E with 2^E >= max|x| / 448 is ex - 9, or ex - 8 where f > 0.875. E stops
+// at -126 so that 2^-E stays finite (rows of max|x| < 448 2^-126: codes of a larger scale than needed).
+// Rows whose max is 0 (or not finite) get 1, so their codes are x / 1 (zeros for a zero row).
+struct RowScale {
+  float s, inv;
+};
+template <typename T> __device__ __forceinline__ RowScale row_scale(uint32_t amax_bits) {
   const float amax = Bits16<T>::to_float(amax_bits);
-  return amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;  // 448: the largest finite e4m3
+  if (!(amax > 0.f && amax <= 0x1.fffffep127f)) return {1.f, 1.f};  // 0, inf or NaN
+  int ex;
+  const float f = frexpf(amax, &ex);
+  const int e = max(ex - 9 + (f > 0.875f ? 1 : 0), -126);
+  return {__uint_as_float(static_cast<uint32_t>(e + 127) << 23), __uint_as_float(static_cast<uint32_t>(127 - e) << 23)};
 }
 
 // Eight values (one 16-byte load) -> eight e4m3 codes.
-template <typename T> __device__ __forceinline__ uint2 quantize8(uint4 v, const RowDivider& d) {
+template <typename T> __device__ __forceinline__ uint2 quantize8(uint4 v, const RowScale& r) {
   uint32_t p[4];
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 f = Bits16<T>::pair(w[i]);
-    p[i] = __nv_cvt_float2_to_fp8x2(make_float2(d(f.x), d(f.y)), __NV_SATFINITE, __NV_E4M3);
+    p[i] = __nv_cvt_float2_to_fp8x2(make_float2(f.x * r.inv, f.y * r.inv), __NV_SATFINITE, __NV_E4M3);
   }
   return make_uint2(p[0] | (p[1] << 16), p[2] | (p[3] << 16));
 }
@@ -238,14 +251,13 @@ __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int6
     }
     // The max has consumed every piece read from the stage, so it can be refilled.
     if (m + stride < M) fetch(m + stride);
-    const float s = row_scale<T>(block_max(max(mx & 0xffffu, mx >> 16), red[parity]));
-    if (threadIdx.x == 0) scales[m] = s;
-    const RowDivider d(s);
+    const RowScale r = row_scale<T>(block_max(max(mx & 0xffffu, mx >> 16), red[parity]));
+    if (threadIdx.x == 0) scales[m] = r.s;
     uint8_t* orow = out + m * ldo;
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int j = threadIdx.x + i * kThreads;
-      if (j < nvec) *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(v[i], d);
+      if (j < nvec) *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(v[i], r);
     }
     for (int64_t k = 8 * nvec + threadIdx.x; k < ldo; k += kThreads) orow[k] = 0;
   }
@@ -298,18 +310,27 @@ template <typename T> struct Fold {
 
 // expand_vector with the folded branch: output row n is [codes 2^-e | e4m3(up[n] / sc) | 0], sc = s[n] 2^e
 // (or 2^e for a zero-scale row, whose codes are zeros), written to f.sw[n] by the row's first thread.
+// Every thread of row n needs max |up[n]| for e. The lanes of a warp that share a row load its R values
+// between them and reduce them (a warp covers one to three rows), instead of each loading all R: with one
+// load per lane instead of R / 8 the fold's weight side costs about what the plain expansion does.
+// The whole warp calls this (no early return: the reduction needs every lane).
 template <typename T>
 __device__ __forceinline__ void expand_vector_fold(const uint8_t* __restrict__ q, uint32_t N, uint32_t K,
                                                    uint32_t chunks_per_row, uint32_t total, uint8_t* __restrict__ w8,
                                                    int64_t ldw, uint32_t idx, const Fold<T>& f) {
-  if (idx >= total) return;
-  const uint32_t n = idx / chunks_per_row, k0 = (idx - n * chunks_per_row) * 16, R = 8 * f.rvec;
-  const uint32_t w = code_word<true>(q, N, K, n, k0);  // loaded before the scale is known: the loads fly together
+#if __CUDA_ARCH__ >= 890
+  const bool live = idx < total;
+  const uint32_t n = live ? idx / chunks_per_row : 0xffffffffu, k0 = (idx - n * chunks_per_row) * 16;
+  const uint32_t R = 8 * f.rvec;
+  const uint32_t w = live ? code_word<true>(q, N, K, n, k0) : 0u;  // loaded first: the loads fly together
   const float s = n < N ? f.s[n] : 1.f;
-  uint32_t umax = 0;  // max |up[n]| as a 16-bit pattern (every thread of the row reads the row: L1 hits)
+  const uint32_t row = __match_any_sync(0xffffffffu, n);  // the lanes of this warp on row n
+  const int rank = __popc(row & ((1u << (threadIdx.x & 31)) - 1)), width = __popc(row);
+  uint32_t umax = 0;  // max |up[n]| as 16-bit patterns
   if (n < N)
-    for (int j = 0; j < f.rvec; ++j) umax = max_abs_bits(umax, load8(f.up + static_cast<int64_t>(n) * R + 8 * j));
-  const float amax = Bits16<T>::to_float(max(umax & 0xffffu, umax >> 16));
+    for (int j = rank; j < f.rvec; j += width) umax = max_abs_bits(umax, load8(f.up + static_cast<int64_t>(n) * R + 8 * j));
+  const float amax = Bits16<T>::to_float(__reduce_max_sync(row, max(umax & 0xffffu, umax >> 16)));
+  if (!live) return;
   const bool zero_row = s == 0.f;
   float sc = zero_row ? 1.f : s;
   int e = 0;
@@ -326,6 +347,7 @@ __device__ __forceinline__ void expand_vector_fold(const uint8_t* __restrict__ q
                             : make_uint4(0, 0, 0, 0);
   }
   *reinterpret_cast<uint4*>(w8 + static_cast<int64_t>(n) * ldw + k0) = v;
+#endif
 }
 
 template <typename T, int ITEMS, bool FOLD>
@@ -362,15 +384,14 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_fp8_2pass(const T* __r
   } else {
     for (int64_t k = threadIdx.x; k < K; k += kThreads) mx = max(mx, Bits16<T>::raw(xr[k]) & 0x7fffu);
   }
-  const float s = row_scale<T>(block_max(mx, red));
-  if (threadIdx.x == 0) scales[m] = s;
-  const RowDivider d(s);
+  const RowScale r = row_scale<T>(block_max(mx, red));
+  if (threadIdx.x == 0) scales[m] = r.s;
   if constexpr (VEC) {
     for (int64_t j = threadIdx.x; j < K / 8; j += kThreads)
-      *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(load8(xr + 8 * j), d);
+      *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(load8(xr + 8 * j), r);
   } else {
     for (int64_t k = threadIdx.x; k < K; k += kThreads)
-      orow[k] = __nv_cvt_float_to_fp8(d(Bits16<T>::to_float(Bits16<T>::raw(xr[k]))), __NV_SATFINITE, __NV_E4M3);
+      orow[k] = __nv_cvt_float_to_fp8(Bits16<T>::to_float(Bits16<T>::raw(xr[k])) * r.inv, __NV_SATFINITE, __NV_E4M3);
   }
   for (int64_t k = K + threadIdx.x; k < ldo; k += kThreads) orow[k] = 0;
 #endif

@@ -418,14 +418,28 @@ def ternary_to_fp8(
     return out
 
 
+def fp8_row_scales(amax: torch.Tensor) -> torch.Tensor:
+    """The FP8 path's per-token scales from each row's max|x| (float32): the smallest power of two 2^E with
+    max|x| / 2^E <= 448 (e4m3's largest value), E >= -126; 1 where max|x| is 0 or not finite.
+
+    A power of two makes x / s exact, so the kernel quantizes with one multiplication an element (a scale of
+    max|x| / 448 needed a correctly rounded division, and the operand kernel was bound by issue); e4m3 has
+    3 mantissa bits at any exponent, so only the smallest values of a row, which reach e4m3's subnormals up
+    to one binade sooner, are coded differently."""
+    mant, ex = torch.frexp(amax.float())  # amax = mant * 2^ex, mant in [0.5, 1); 448 = 0.875 * 2^9
+    e = (ex - 9 + (mant > 0.875).to(ex.dtype)).clamp_min(-126)
+    s = ((e + 127).to(torch.int32) << 23).view(torch.float32)
+    return torch.where((amax > 0) & torch.isfinite(amax), s, torch.ones_like(s))
+
+
 def quantize_rows_fp8(x: torch.Tensor, cols: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8 quantization of x [M, K] (float16/bfloat16, CUDA, sm_89+).
 
-    Returns (codes float8_e4m3fn [M, cols], scales float32 [M, 1]) with
-    s = max|x_m| / 448 (1 for rows whose max is 0) and code = e4m3(x / s): the
-    float32 quotient rounded to nearest even, exactly as
-    `(x.float() / s).to(torch.float8_e4m3fn)`. cols >= K (default K rounded up to
-    16) zero pads the rows. Rows of x may be strided; its last dimension must be dense.
+    Returns (codes float8_e4m3fn [M, cols], scales float32 [M, 1]) with s =
+    fp8_row_scales(max|x_m|) and code = e4m3(x / s) rounded to nearest even, exactly as
+    `(x.float() / s).to(torch.float8_e4m3fn)` (x / s is exact: s is a power of two).
+    cols >= K (default K rounded up to 16) zero pads the rows. Rows of x may be strided;
+    its last dimension must be dense.
     """
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"quantize_rows_fp8 takes float16/bfloat16 [M, K], got {x.dtype} {tuple(x.shape)}")
@@ -598,8 +612,8 @@ def linear(
     - int8: round(x / s) clamped to [-127, 127], s = max|x_row| / 127 (uniform steps
       of s). On CPU, for int8 weights, below FP8_MIN_M rows and on GPUs before sm_89.
     - FP8 e4m3, for ternary weights with at least FP8_MIN_M rows on sm_89+:
-      e4m3(x / s) with s = max|x_row| / 448 (1 for an all-zero row), the float32
-      quotient rounded to nearest even. 3 mantissa bits: a relative error up to 2^-4
+      e4m3(x / s) rounded to nearest even, with s = fp8_row_scales(max|x_row|), the
+      smallest power of two with max|x_row| / s <= 448. 3 mantissa bits: a relative error up to 2^-4
       per element at any magnitude down to e4m3's subnormals, where int8's steps are
       uniform. torch._scaled_mm multiplies the codes (exact products; the sums in the
       tensor cores' own accumulator, FP8_FAST_ACCUM) with s and the weight scales as
