@@ -1,6 +1,6 @@
 """Full-size FLUX.1-dev transformer, random weights, one denoising step at 1024x1024, batch 1, through the
 model code users run: BFL layout, diffusers, ComfyUI; bf16, W1.58A16 and W1.58A8, the latter two also with a
-rank-16 or rank-32 low-rank branch (+r16, +r32); eager and compiled.
+rank-16 or rank-32 low-rank branch (+r16, +r32); eager, compiled and compiled with CUDA graphs.
 
 Device machine (H200), one call of at most 10 minutes, carry [".whl", ".comfyui"] (the .whl folder is
 diffusers 0.42.1 with its requirements; pip takes only what the machine lacks, else all into /tmp/site):
@@ -13,7 +13,7 @@ diffusers 0.42.1 with its requirements; pip takes only what the machine lacks, e
     --json $OUT/flux_e2e.json 2>&1 | tee $OUT/flux_e2e.log
 
     python bench/flux_e2e.py [--path bfl diffusers comfy] [--variants bf16 w158a16 w158a16+r16 w158a8 w158a8+r16 ...]
-                             [--modes eager compiled | --compile] [--steps 10] [--budget-s 420] [--tiny]
+                             [--modes eager compiled graphs | --compile] [--steps 10] [--budget-s 420] [--tiny]
 
 One weight source for every path: FLUX.1-dev's tensors in BFL keys, random (seeded; weights and biases
 N(0, 0.02), q/k norm scales N(1, 0.1)), made on the GPU one module group (an embedder, a block) at a
@@ -38,7 +38,7 @@ loads a converted file:
   and ComfyUI's stock operations for bf16; called as ComfyUI's sampler calls it:
   BaseModel.apply_model(latent, sigma, c_crossattn=context, y=pooled, guidance=guidance).
 
-Measured per (mode, path, variant), all eager runs first, then all compiled ones (ComfyUI is imported
+Measured per (mode, path, variant), all eager runs first, then the compiled ones (ComfyUI is imported
 at its first run, after the other paths' eager runs): ms per step (median of CUDA-event timings of
 --steps calls after 2 warm-up calls), resident weights (allocated after building minus before) and peak
 VRAM (max allocated over the timed calls minus the allocation before building; peak stats reset after
@@ -47,7 +47,10 @@ against bf16 of the same path and mode; a +rN variant is also compared with the 
 the branch (what the branch costs). `compiled`: torch.compile (inductor, mode "default") applied to
 each transformer block (regional compilation, as diffusers' compile_repeated_blocks: the blocks are
 nearly all of the time, and the compile takes seconds instead of minutes), the same for bf16 and ours;
-graph breaks and dynamo warnings go into the notes, never fail the run. --budget-s starts nothing after
+`graphs`: the same with mode "reduce-overhead", which replays each block as a CUDA graph, so the step
+measures the GPU's work without the host's per-op time (ComfyUI's stock TorchCompileModel node offers
+a "cudagraphs" backend for the same reason); graph breaks and dynamo warnings go into the notes, never
+fail the run. --budget-s starts nothing after
 that many seconds, and --out / --json are rewritten after every variant, so a time limit leaves a
 partial table.
 
@@ -104,7 +107,10 @@ VARIANTS = {
 }
 # variant -> the variant it differs from by one step: ternary weights, 8-bit activations, the low-rank branch
 STEPS = {"w158a16": "bf16", "w158a8": "w158a16", **{v: v.split("+")[0] for v in VARIANTS if "+" in v}}
-MODES = ("eager", "compiled")
+MODES = ("eager", "compiled", "graphs")
+# torch.compile's mode per compiled mode: "graphs" replays each block as a CUDA graph (inductor's cudagraph trees),
+# so a step no longer waits for the host's ~500 Python-level op calls (bench/NOTES.md, session 11).
+COMPILE_MODE = {"compiled": "default", "graphs": "reduce-overhead"}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # FLUX.1-dev's layout at the testbed's width, for the CPU mode the tests run
 TINY = dataclasses.replace(
@@ -457,17 +463,29 @@ def _check_branches(path: str, variant: str, arch: Architecture, model: nn.Modul
         raise RuntimeError(f"{path} {variant}: {have} layers carry the low-rank branch, the variant has {want}")
 
 
+def _new_graph_step(forward: Callable[[], Any]) -> Callable[[], Any]:
+    """forward, telling the CUDA graph trees first that a new step begins: the last step's graph outputs are dead,
+    so the replays may reuse their memory."""
+
+    def step() -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return forward()
+
+    return step
+
+
 def run_variant(
     path: str, variant: str, mode: str, arch: Architecture, x: Inputs, steps: int, device: torch.device,
     dtype: torch.dtype, profile: bool = False,
 ) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     cuda = device.type == "cuda"
     row: dict[str, Any] = {"mode": mode, "path": path, "variant": variant}
-    if mode == "compiled":
+    if mode in COMPILE_MODE:
         importlib.import_module("torch._dynamo")  # reset in `finally`, whatever happens before the compile
     _free(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
     built: Optional[Built] = None
+    forward: Optional[Callable[[], Any]] = None  # holds the model: deleted with it
     out = tokens = None
     try:
         t0 = time.perf_counter()
@@ -477,20 +495,24 @@ def run_variant(
         row["build_s"] = time.perf_counter() - t0
         row["weights_gib"] = (torch.cuda.memory_allocated(device) - base) / GIB if cuda else None
         row["notes"] = list(built.notes)
-        if mode == "compiled":
+        forward = built.forward
+        if mode in COMPILE_MODE:
             from torch._dynamo.utils import counters
 
             torch._dynamo.reset()
             counters.clear()
             _DYNAMO_WARNINGS.lines.clear()
             for block in built.blocks:
-                block.compile()  # torch.compile defaults: inductor, mode "default"
+                block.compile(mode=COMPILE_MODE[mode])  # inductor
+        if mode == "graphs":
+            forward = _new_graph_step(built.forward)
+
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = built.forward()
+            out = forward()
             _sync(device)
             row["first_s"] = time.perf_counter() - t0
-            out = built.forward()
+            out = forward()
             _sync(device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
@@ -499,36 +521,36 @@ def run_variant(
                 if cuda:
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     a.record()
-                    out = built.forward()
+                    out = forward()
                     b.record()
                     torch.cuda.synchronize(device)
                     times.append(a.elapsed_time(b))
                 else:
                     t0 = time.perf_counter()
-                    out = built.forward()
+                    out = forward()
                     times.append((time.perf_counter() - t0) * 1e3)
             row["ms"] = statistics.median(times)
             row["peak_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GIB if cuda else None
             if profile and cuda:  # after the timing, which the profiler would slow
-                row["profile"] = profile_step(built.forward, device)
+                row["profile"] = profile_step(forward, device)
             tokens = built.tokens(out).detach().float().cpu()
         row["finite"] = bool(torch.isfinite(tokens).all())
         if not row["finite"]:
             row["notes"].append(f"{path} {variant} ({mode}): non-finite output (random weights; timing unaffected)")
-        if mode == "compiled":
+        if mode in COMPILE_MODE:
             graphs, breaks = _graph_stats()
             row["graphs"], row["graph_breaks"] = graphs, breaks
             if breaks:
                 why = "; ".join(f"{' '.join(k.split())[:200]} (x{v})" for k, v in list(breaks.items())[:3])
-                row["notes"].append(f"{path} {variant} (compiled): {sum(breaks.values())} graph breaks: {why}")
+                row["notes"].append(f"{path} {variant} ({mode}): {sum(breaks.values())} graph breaks: {why}")
             for line in dict.fromkeys(_DYNAMO_WARNINGS.lines):
-                row["notes"].append(f"{path} {variant} (compiled): dynamo: {line}")
+                row["notes"].append(f"{path} {variant} ({mode}): dynamo: {line}")
     except Exception as exc:  # noqa: BLE001  (one variant failing must not lose the others)
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         tokens = None
     finally:
-        del built, out
-        if mode == "compiled":
+        del built, out, forward
+        if mode in COMPILE_MODE:
             torch._dynamo.reset()
         _free(device)
     left = (torch.cuda.memory_allocated(device) - base) / GIB if cuda else 0.0
@@ -556,9 +578,9 @@ def agreement(outputs: dict[tuple[str, str, str], torch.Tensor]) -> list[dict[st
         if refs and refs[0] != path:
             ref = outputs[(mode, refs[0], variant)]
             out.append({"mode": mode, "variant": variant, "path": path, "ref": refs[0], "rel": _relative(t, ref)})
-        if mode == "compiled" and ("eager", path, variant) in outputs:
+        if mode in COMPILE_MODE and ("eager", path, variant) in outputs:
             ref = outputs[("eager", path, variant)]
-            out.append({"mode": "compiled-vs-eager", "variant": variant, "path": path, "ref": path,
+            out.append({"mode": f"{mode}-vs-eager", "variant": variant, "path": path, "ref": path,
                         "rel": _relative(t, ref)})
     return out
 
@@ -619,11 +641,13 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict[str, 
         mrows = [r for r in rows if r["mode"] == mode]
         if not mrows:
             continue
-        how = (
-            "eager"
-            if mode == "eager"
-            else "compiled: torch.compile (inductor, mode default) of every transformer block, bf16 and W1.58 alike"
-        )
+        how = {
+            "eager": "eager",
+            "compiled": "compiled: torch.compile (inductor, mode default) of every transformer block, bf16 and W1.58 "
+            "alike",
+            "graphs": "graphs: torch.compile (inductor, mode reduce-overhead: each block replayed as a CUDA graph) of "
+            "every transformer block, bf16 and W1.58 alike",
+        }[mode]
         out += ["", f"## {how}", ""]
         branch = any(VARIANTS[r["variant"]].lora_rank for r in mrows)
         head = ["path", "variant", "ms / step", "speed vs bf16", "weights GiB", "peak VRAM GiB", "peak vs bf16",
@@ -762,7 +786,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"peak {_f(row['peak_gib'])} GiB, build {row['build_s']:.1f} s, first call "
                         f"{row['first_s']:.1f} s" + (f", {row['graphs']} graphs, "
                                                       f"{sum(row['graph_breaks'].values())} breaks"
-                                                      if mode == "compiled" else "")
+                                                      if mode in COMPILE_MODE else "")
                         + f" (t={time.monotonic() - start:.0f} s)"
                     )
                 flush(False)

@@ -129,15 +129,18 @@ def test_comfy_path_is_skipped_without_comfyui_dir(tmp_path):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_ternary_blocks_trace_without_graph_breaks(tmp_path):
-    """bitkernel's op (a torch custom op with a fake implementation) inside compiled blocks."""
+    """bitkernel's op (a torch custom op with a fake implementation) inside compiled blocks, in both compiled modes
+    (on the CPU "graphs" compiles as "compiled" does; CUDA graphs need a GPU)."""
     paths = [p for p in available_paths() if p != "comfy"]  # ComfyUI's CPU attention breaks graphs by design
     proc, data = run_bench(
-        tmp_path, "--compile", "--dtype", "fp32", "--steps", "1", "--variants", "w158a8", "--path", *paths
-    )
+        tmp_path, "--modes", "compiled", "graphs", "--dtype", "fp32", "--steps", "1", "--variants", "w158a8",
+        "--path", *paths,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "## compiled" in proc.stdout
+    assert "## compiled" in proc.stdout and "## graphs" in proc.stdout
+    assert {r["mode"] for r in data["rows"]} == {"compiled", "graphs"}
     for r in data["rows"]:
-        assert r["mode"] == "compiled" and "error" not in r, r
+        assert "error" not in r, r
         assert r["graph_breaks"] == {}, r
         assert r["graphs"] >= 2  # one per block type at least: the blocks did compile
     assert table_rows(proc.stdout) == {(p, "w158a8") for p in paths}
