@@ -228,6 +228,7 @@ def awkward_rows(m, k, dtype, gen):
     if dtype == torch.bfloat16:  # the ends of bf16's range: a scale below 2^-126 (clamped there), one of 2^80
         x[5] = (torch.randn(k, generator=gen) * 1e-37).to(dtype)
         x[6] = (torch.randn(k, generator=gen) * 1e25).to(dtype)
+        x[8] = (torch.randn(k, generator=gen) * 1e-39).to(dtype)  # max|x| a float32 subnormal
     return x
 
 
