@@ -209,9 +209,10 @@ __global__ void ternary_to_fp8_kernel(const uint8_t* __restrict__ q, uint32_t N,
 // the max and the conversion, so x is read from memory once. A block walks rows
 // blockIdx.x, + gridDim.x, ... (the grid is what fits on the GPU at once) and
 // has its next row copied into shared memory (cp.async) while it reduces and
-// converts the current one: with one row per block and nothing in flight during
-// the conversion (~8 instructions an element), K = 12288 streamed at ~2.8 TB/s on
-// an H200. Each thread stages and reads back only its own 16-byte pieces, so the
+// converts the current one (without the prefetch, K = 12288 streamed at ~2.8 TB/s on
+// an H200; with it ~3.6). Deeper rings of staged rows were slower (fewer blocks fit):
+// at K = 3072 the kernel is bound by issue, not by bytes in flight (bench/NOTES.md,
+// session 13). Each thread stages and reads back only its own 16-byte pieces, so the
 // stage needs no barrier. Needs K % 8 == 0, 16-byte aligned rows of x and 8-byte
 // aligned rows of out, and nvec * 16 bytes of dynamic shared memory.
 //

@@ -74,9 +74,9 @@ __global__ void dequantize_kernel(int fmt, const uint8_t* q, const float* scale,
 
 // The vectorised expansion: every 16-byte piece of output (CW = 16 / sizeof(T) weights, from PB bytes of
 // codes) is one chunk, and a warp's 32 * kChunksPerThread chunks are dealt to its lanes round-robin, so that
-// each store instruction writes 512 contiguous bytes. (A thread expanding one whole 32-bit word into 32
-// contiguous bytes stored at a 32-byte lane stride, two half-filled 1 KB spans per warp instead of one full
-// 512-byte one; that ran at ~2.2-3.0 TB/s on an H200.) Needs K and the group size to be multiples of CW, the
+// each store instruction writes 512 contiguous bytes. (Where each thread expanded one 32-bit word into 32
+// contiguous bytes, a store instruction wrote at a 32-byte lane stride: two half-filled 1 KB spans per warp
+// instead of one full 512-byte span, ~2.2-3.0 TB/s on an H200.) Needs K and the group size to be multiples of CW, the
 // codes PB-byte aligned and a 16-byte aligned output; dequantize_kernel serves the rest. 32-bit index
 // arithmetic (the host checks it fits): 64-bit division is emulated and slow.
 constexpr int kChunksPerThread = 2;
