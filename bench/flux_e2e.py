@@ -50,9 +50,8 @@ nearly all of the time, and the compile takes seconds instead of minutes), the s
 `graphs`: the same with mode "reduce-overhead", which replays each block as a CUDA graph, so the step
 measures the GPU's work without the host's per-op time (ComfyUI's stock TorchCompileModel node offers
 a "cudagraphs" backend for the same reason); graph breaks and dynamo warnings go into the notes, never
-fail the run. --budget-s starts nothing after
-that many seconds, and --out / --json are rewritten after every variant, so a time limit leaves a
-partial table.
+fail the run. --budget-s starts nothing after that many seconds, and --out / --json are rewritten after
+every variant, so a time limit leaves a partial table.
 
 Every path gets the same inputs and weights, so their outputs must agree to rounding: the report gives
 max |out - out_bfl| / max |out_bfl| per variant, and what each quantization step and the branch change.

@@ -129,6 +129,8 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     ws = rotation(w)
     columns = {"bf16": [lambda w=w_: torch.nn.functional.linear(x, w) for w_ in ws]}
+    lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=x.dtype, generator=gen) * 0.02,
+          torch.randn(n, BRANCH_RANK, device="cuda", dtype=x.dtype, generator=gen) * 0.02)  # both +r32 columns
     for name, fmt, group, a8 in variants:
         qw = F.quantize(w, fmt, group)
         qws = [qw] + [
@@ -142,12 +144,10 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
             ceiling = fp8_ceiling(x, qw)
             if ceiling:
                 columns[FP8_CEILING] = ceiling
+        if name == "W1.58A16" and m > F.SMALL_M:
+            columns[DECODE] = [lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]
         if name in ("W1.58A16", "W1.58A8"):
-            if m > F.SMALL_M and not a8:
-                columns[DECODE] = [lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]
-            lr = (torch.randn(BRANCH_RANK, k, device="cuda", dtype=x.dtype, generator=gen) * 0.02,
-                  torch.randn(n, BRANCH_RANK, device="cuda", dtype=x.dtype, generator=gen) * 0.02)
-            columns[BRANCH8 if a8 else BRANCH] = [lambda q=q_, a=a8, lr=lr: F.linear(x, q, None, a, lr) for q_ in qws]
+            columns[BRANCH8 if a8 else BRANCH] = [lambda q=q_, a=a8: F.linear(x, q, None, a, lr) for q_ in qws]
     res = time_graphs(columns)
     del columns, ws
     torch.cuda.empty_cache()

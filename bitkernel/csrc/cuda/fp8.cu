@@ -8,8 +8,7 @@
 //   (-1/0/+1, zero padded). Per-row scales are applied by the GEMM (scale_b).
 // quantize_rows_fp8: x [M, K] fp16/bf16 (row stride ldx) -> e4m3 [M, ldo] with
 //   s[m] = the smallest power of two 2^E >= max|x_m| / 448 (E >= -126; 1 for rows whose max is 0 or not
-//   finite),
-//   code = RNE_e4m3(x / s). x / s is exact in float32, so the codes are bit-identical to torch's
+//   finite), code = RNE_e4m3(x / s). x / s is exact in float32, so the codes are bit-identical to torch's
 //   (x.float() / s).to(torch.float8_e4m3fn), and one multiplication makes each (a scale of max|x| / 448
 //   took a correctly rounded division: 5 more instructions an element, and the operand kernel was bound
 //   by issue). e4m3 keeps 3 mantissa bits at any exponent, so a power-of-two scale changes the codes'
@@ -102,6 +101,7 @@ __device__ __forceinline__ uint32_t block_max(uint32_t v, uint32_t* red) {
 // Rows whose max is 0 (or not finite) get 1, so their codes are x / 1 (zeros for a zero row).
 struct RowScale {
   float s, inv;
+  __device__ __forceinline__ float operator()(float x) const { return x * inv; }  // x / s
 };
 template <typename T> __device__ __forceinline__ RowScale row_scale(uint32_t amax_bits) {
   const float amax = Bits16<T>::to_float(amax_bits);
@@ -112,14 +112,14 @@ template <typename T> __device__ __forceinline__ RowScale row_scale(uint32_t ama
   return {__uint_as_float(static_cast<uint32_t>(e + 127) << 23), __uint_as_float(static_cast<uint32_t>(127 - e) << 23)};
 }
 
-// Eight values (one 16-byte load) -> eight e4m3 codes.
-template <typename T> __device__ __forceinline__ uint2 quantize8(uint4 v, const RowScale& r) {
+// Eight values (one 16-byte load) -> eight e4m3 codes of div(x) (div: a RowScale, or a RowDivider).
+template <typename T, typename Div> __device__ __forceinline__ uint2 quantize8(uint4 v, const Div& div) {
   uint32_t p[4];
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 f = Bits16<T>::pair(w[i]);
-    p[i] = __nv_cvt_float2_to_fp8x2(make_float2(f.x * r.inv, f.y * r.inv), __NV_SATFINITE, __NV_E4M3);
+    p[i] = __nv_cvt_float2_to_fp8x2(make_float2(div(f.x), div(f.y)), __NV_SATFINITE, __NV_E4M3);
   }
   return make_uint2(p[0] | (p[1] << 16), p[2] | (p[3] << 16));
 }
@@ -266,21 +266,12 @@ __device__ __forceinline__ void quantize_rows_walk(const T* __restrict__ x, int6
 }
 
 // One 16-byte vector of the folded branch's weight columns: bytes e4m3(up[n][r] / s) for r = r0.. r0 + 15
-// (zeros past R; R % 8 == 0 and 16-byte aligned rows of up), the quotient correctly rounded as in the rows.
+// (zeros past R; r0 < R, R % 8 == 0 and 16-byte aligned rows of up), the quotient correctly rounded (RowDivider).
 template <typename T>
 __device__ __forceinline__ uint4 up_vector(const T* __restrict__ up_row, int r0, int R, const RowDivider& d) {
-  uint32_t p[8];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint4 v = r0 + 8 * h < R ? load8(up_row + r0 + 8 * h) : make_uint4(0, 0, 0, 0);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = Bits16<T>::pair(w[i]);
-      p[4 * h + i] = __nv_cvt_float2_to_fp8x2(make_float2(d(f.x), d(f.y)), __NV_SATFINITE, __NV_E4M3);
-    }
-  }
-  return make_uint4(p[0] | (p[1] << 16), p[2] | (p[3] << 16), p[4] | (p[5] << 16), p[6] | (p[7] << 16));
+  const uint2 lo = quantize8<T>(load8(up_row + r0), d);  // r0 < R, R % 8 == 0
+  const uint2 hi = r0 + 8 < R ? quantize8<T>(load8(up_row + r0 + 8), d) : make_uint2(0, 0);
+  return make_uint4(lo.x, lo.y, hi.x, hi.y);
 }
 
 // The single-pass quantization, with the weight expansion in the same launch where
@@ -392,7 +383,7 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_fp8_2pass(const T* __r
       *reinterpret_cast<uint2*>(orow + 8 * j) = quantize8<T>(load8(xr + 8 * j), r);
   } else {
     for (int64_t k = threadIdx.x; k < K; k += kThreads)
-      orow[k] = __nv_cvt_float_to_fp8(Bits16<T>::to_float(Bits16<T>::raw(xr[k])) * r.inv, __NV_SATFINITE, __NV_E4M3);
+      orow[k] = __nv_cvt_float_to_fp8(r(Bits16<T>::to_float(Bits16<T>::raw(xr[k]))), __NV_SATFINITE, __NV_E4M3);
   }
   for (int64_t k = K + threadIdx.x; k < ldo; k += kThreads) orow[k] = 0;
 #endif
