@@ -168,6 +168,39 @@ def test_ternary_small_m_large_shapes(device, group, dtype, m, n, k):
     check(x, qw, bias, False, 2e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 4500, 3072), (2, 131, 576), (1, 67, 64), (1, 1000, 15360), (1, 300, 2880),
+                                   (1, 200, 16448), (2, 1000, 15360)])
+def test_ternary_one_or_two_tokens_to_the_outputs_rounding(device, dtype, m, n, k):
+    # One or two tokens (on CUDA at M = 1 and K <= 16384: integer tensor cores on x's digits), activations spanning
+    # nine decades within a token: every output within its dtype's rounding of the exact product, plus a part of
+    # sum |x w| far below it.
+    gen = torch.Generator().manual_seed(m + n + k)
+    qw, bias = make("ternary", 0, True, n, k, device, gen, dtype)
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-6, 3, k)[torch.randperm(k, generator=gen)]
+    x = x.to(device, dtype)
+    y = F.linear(x, qw, bias, False).double().cpu()
+    ref = ref_linear(x, "ternary", qw.qweight.cpu(), qw.scale.cpu(), None, 0, bias)
+    w = ref_linear(x.abs(), "ternary", qw.qweight.cpu(), qw.scale.cpu().abs(), None, 0).abs()  # sum |x| |w|
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # an ulp at the bottom of a binade
+    bound = eps * ref.abs() + 2.0**-16 * w + (0 if bias is None else 2.0**-24 * bias.double().cpu().abs())
+    assert torch.all((y - ref).abs() <= bound), ((y - ref).abs() / bound).max()
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_ternary_one_or_two_tokens_non_finite_input(device, m):
+    # A token holding inf yields non-finite outputs; the other token of the pair stays exact.
+    gen = torch.Generator().manual_seed(5)
+    qw, _ = make("ternary", 0, True, 75, 576, device, gen)
+    x = torch.randn(m, 576, generator=gen).to(device, torch.bfloat16)
+    x[0, 100] = float("inf")
+    y = F.linear(x, qw, None, False).double().cpu()
+    assert not torch.isfinite(y[0]).any()
+    if m == 2:
+        ref = ref_linear(x[1:], "ternary", qw.qweight.cpu(), qw.scale.cpu(), None, 0)
+        assert rel_err(y[1:], ref) < 2e-3
+
+
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("m", [1, 4])
 def test_ternary_small_m_chain_reads_the_previous_layers_output(device, graph, m):
