@@ -285,3 +285,18 @@ def test_converter_output_loads_and_matches_stock_ops(env, tmp_path):
     dense = build_model(header, ce.dense_state_dict(load_file(out), header), packed=False)
     reference = comfy.model_patcher.ModelPatcher(dense, torch.device("cpu"), torch.device("cpu"))
     torch.testing.assert_close(ksample(env["nodes"], ours), ksample(env["nodes"], reference), atol=ATOL, rtol=RTOL)
+
+
+def test_stock_torch_compile_node_matches_eager(env, ours):
+    # ComfyUI's TorchCompileModel node (backend inductor) on our MODEL: bitkernel's custom ops inside inductor's graph
+    # sample what the eager model does.
+    import comfy_extras.nodes_torch_compile as tc
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = call(tc.TorchCompileModel, model=ours, backend="inductor")
+    a = ksample(env["nodes"], compiled)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    b = ksample(env["nodes"], ours)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    assert compiled.model_options["torch_compile_kwargs"]["backend"] == "inductor"
