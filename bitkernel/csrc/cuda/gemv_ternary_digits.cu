@@ -45,10 +45,11 @@
 // (split-K) and meet in shared memory. The host takes the largest S whose whole grid is
 // resident at once (a second wave would pay the stream's latency again).
 //
-// H200, M = 1 (bench/results/kernels_m1_digits_s14_h200.md): mod.lin 18432 x 3072 8.3-8.8 us
-// against 10.3-10.9 for gemv_ternary.cu, the other seven FLUX.1-dev shapes 24-29% faster.
-// What is left above the read floor: the multiply (~2 us at mod.lin) runs after most of the
-// stream, because a warp's chunk spans 32 rows whose DRAM pages arrive in no particular order.
+// H200, M = 1 (bench/results/kernels_m1_digits_s14_h200.md): mod.lin 18432 x 3072 7.5-7.8 us
+// against 10.4 for gemv_ternary.cu, the other seven FLUX.1-dev shapes 18-33% faster.
+// What is left above the read floor (4.7-5.2 us): ~1 us of launch, x and epilogue, and the part
+// of the multiply that runs after the stream (a warp's chunk spans 32 rows, which arrive from
+// DRAM in no fixed order; bench/NOTES.md, session 14).
 //
 // Shapes taken: M = 1, K a multiple of 64 up to 16 * CPW chunks (16384), group 0 (per-row
 // scales), 16-byte aligned q and x, sm_80+. Others return false (gemv_ternary.cu takes them).
@@ -166,18 +167,25 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
   }
 
   // Every weight load of the warp: the lane's 16 bytes of each of its chunks in rows g and g + 8
-  // of each tile (rows clamped: loads stay in bounds, stores are skipped). Lanes past K in a
+  // of each tile (rows clamped: loads stay in bounds, stores are skipped), chunk by chunk: the
+  // first chunk's requests go first and tend to return first, so its multiply overlaps the rest
+  // of the stream (issued row by row, mod.lin took 8.3-8.8 us instead of 7.5-7.8). Lanes past K in a
   // short last chunk load nothing: their digits are zero, so any weight adds nothing.
-  uint4 wbuf[CPW][TW][2];
+  const uint8_t* wp[TW][2];
 #pragma unroll
   for (int i = 0; i < TW; ++i)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* wp = q + static_cast<int64_t>(min(n0 + 16 * i + 8 * h + g, N - 1)) * (K / 4) + 16 * t + 64 * cbeg;
+    for (int h = 0; h < 2; ++h)
+      wp[i][h] = q + static_cast<int64_t>(min(n0 + 16 * i + 8 * h + g, N - 1)) * (K / 4) + 16 * t + 64 * cbeg;
+  uint4 wbuf[CPW][TW][2];
 #pragma unroll
-      for (int c = 0; c < CPW; ++c)
-        wbuf[c][i][h] = c < nloc && (cbeg + c) * CHUNK_K + 64 * t < K ? load_weights(wp + 64 * c) : make_uint4(0, 0, 0, 0);
-    }
+  for (int c = 0; c < CPW; ++c)
+#pragma unroll
+    for (int i = 0; i < TW; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        wbuf[c][i][h] =
+            c < nloc && (cbeg + c) * CHUNK_K + 64 * t < K ? load_weights(wp[i][h] + 64 * c) : make_uint4(0, 0, 0, 0);
 
   // The scale: max|x| over the range from the float bits (NaN and inf sort above every finite
   // value). max|x| < 2^(E - 126) for its biased exponent E (1 for subnormals), so a = 148 - E
