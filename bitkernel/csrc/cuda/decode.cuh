@@ -60,6 +60,18 @@ template <> __device__ __forceinline__ uint32_t hsub2_bits<__nv_bfloat16>(uint32
 #endif
 }
 
+// 16 bytes of weights, read once: no L1 allocation, L2 prefetches the enclosing 256 bytes.
+__device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// Word j (0..3) of 16 loaded bytes.
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
 // d += A (16 x 16, row) * B (16 x 8, col) with fp32 accumulation: mma.sync.m16n8k16 (sm_80+).
 // Fragments (g = lane / 4, t = lane % 4): a = {row g, k 2t..2t+1}, {row g+8, k 2t..2t+1},
 // {row g, k 2t+8..2t+9}, {row g+8, k 2t+8..2t+9}; b = {k 2t..2t+1, col g}, {k 2t+8..2t+9, col g};

@@ -145,17 +145,6 @@ __device__ __forceinline__ void decode_ternary_word(uint32_t w, const uint32_t (
   }
 }
 
-// 16 bytes of weights, read once: no L1 allocation, L2 prefetches the enclosing 256 bytes.
-__device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
-
 using Full = std::false_type;  // a chunk of 256 k
 using Tail = std::true_type;   // the last chunk when K % 256 != 0: lanes past K take weights 0
 

@@ -58,6 +58,7 @@
 #include <climits>
 #include <cstdlib>
 
+#include "cuda/decode.cuh"
 #include "cuda/device.cuh"
 #include "kernels.h"
 
@@ -99,17 +100,6 @@ __device__ __forceinline__ int warp_sum(int v) {
   return __reduce_add_sync(0xffffffffu, v);
 #endif
 }
-
-// 16 bytes of weights, read once: no L1 allocation, L2 prefetches the enclosing 256 bytes.
-__device__ __forceinline__ uint4 load_weights(const uint8_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // The power of two 2^e as a float, e in [-126, 127].
 __device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
