@@ -41,11 +41,11 @@ bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, 
                        const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,
                        void* xi, float* xs, void* y, uintptr_t stream);
 // The same product for M = 1 (group 0, K <= 16384) on integer tensor cores, x as integer
-// digits (cuda/gemv_ternary_digits.cu); gemv_ternary_cuda tries it first. x is what the
-// kernel reads (the codes xi with xs).
+// digits (cuda/gemv_ternary_digits.cu); gemv_ternary_cuda tries it first, on arguments it has
+// validated, on device dev with sms SMs. x is what the kernel reads (the codes xi with xs).
 bool gemv_ternary_digits_cuda(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
-                              int64_t group, int64_t N, const void* bias, const float* xs, void* y,
-                              uintptr_t stream);
+                              int64_t group, int64_t N, const void* bias, const float* xs, void* y, uintptr_t stream,
+                              int dev, int sms);
 // INT4 (cuda/gemv_tc.cu):
 bool gemv_tc_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q,
                   const float* scale, const uint8_t* zero, int64_t group, int64_t N, const void* bias,

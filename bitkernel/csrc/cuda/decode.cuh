@@ -1,6 +1,6 @@
 // Exact decoding of packed codes without int-to-float conversions (a
 // quarter-rate instruction on recent GPUs, which made the first GEMV
-// compute-bound), and the tensor-core helpers the small-M kernels share.
+// compute-bound), and the tensor-core helpers the kernels share.
 //
 // fp32 (gemv.cu): a shift and mask put four codes in the four bytes of a word,
 // one byte_perm writes a code into the low mantissa byte of the float 2^23
@@ -89,6 +89,26 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// d += A (16 x 32, row) * B (32 x 8 s8, col) with int32 accumulation: mma.sync.m16n8k32 (sm_80+),
+// A signed (s8) or unsigned (u8). Fragments as for mma_16816 with four 8-bit k per register:
+// a = {row g, k 4t..4t+3}, {row g+8, k 4t..4t+3}, {row g, k 16+4t..}, {row g+8, k 16+4t..};
+// b = {k 4t..4t+3, col g}, {k 16+4t..16+4t+3, col g}; d as for mma_16816.
+template <bool UNSIGNED_A>
+__device__ __forceinline__ void mma_16832_i8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // never launched there: the hosts check for sm_80
+#else
+  if constexpr (UNSIGNED_A)
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }

@@ -109,7 +109,7 @@ template <typename T> __device__ __forceinline__ RowScale row_scale(uint32_t ama
   int ex;
   const float f = frexpf(amax, &ex);
   const int e = max(ex - 9 + (f > 0.875f ? 1 : 0), -126);
-  return {__uint_as_float(static_cast<uint32_t>(e + 127) << 23), __uint_as_float(static_cast<uint32_t>(127 - e) << 23)};
+  return {pow2(e), pow2(-e)};
 }
 
 // Eight values (one 16-byte load) -> eight e4m3 codes of div(x) (div: a RowScale, or a RowDivider).

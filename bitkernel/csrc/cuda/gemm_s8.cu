@@ -13,6 +13,7 @@
 // so fragment loads are conflict-free. The next k-tile is prefetched into
 // registers while the current one is multiplied. sm_75 has no m16n8k32 s8 mma,
 // so there the same fragments are formed with dp4a instead.
+#include "cuda/decode.cuh"
 #include "cuda/device.cuh"
 #include "kernels.h"
 #include "quant_rules.h"
@@ -60,13 +61,6 @@ __global__ void quantize_act_kernel(const void* xv, int dtype, int64_t K, int64_
 __device__ __forceinline__ uint32_t widen_ternary(uint32_t b) {
   const uint32_t spread = (b & 0x3u) | ((b & 0xcu) << 6) | ((b & 0x30u) << 12) | ((b & 0xc0u) << 18);
   return __vsub4(spread, 0x01010101u);
-}
-
-__device__ __forceinline__ void mma_s8(int (&c)[4], const int (&a)[4], const int (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
 template <int FMT, typename T, bool VEC>
@@ -158,7 +152,7 @@ __global__ void __launch_bounds__(THREADS) gemm_s8_kernel(const int8_t* __restri
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 32) {
 #if __CUDA_ARCH__ >= 800
-      int a[4][4], b[4][2];
+      uint32_t a[4][4], b[4][2];
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
         const int r = wm * 64 + mt * 16 + g;
@@ -176,7 +170,7 @@ __global__ void __launch_bounds__(THREADS) gemm_s8_kernel(const int8_t* __restri
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) mma_s8(acc[mt][nt], a[mt], b[nt]);
+        for (int nt = 0; nt < 4; ++nt) mma_16832_i8<false>(acc[mt][nt], a[mt], b[nt]);
 #else
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)

@@ -383,8 +383,8 @@ bool gemv_ternary_cuda(int fmt, const void* x, int dtype, int64_t M, int64_t K, 
   // Only once the product is sure to run: the caller quantizes for the int8 GEMM otherwise.
   if (xs) quantize_act_cuda(x, dtype, M, K, nullptr, xi, xs, stream);
   x = xk;
-  if (gemv_ternary_digits_cuda(x, dtype, M, K, q, scale, group, N, bias, xs, y, stream)) return true;
   const int dev = info.index, sms = info.sms;
+  if (gemv_ternary_digits_cuda(x, dtype, M, K, q, scale, group, N, bias, xs, y, stream, dev, sms)) return true;
   const cudaStream_t s = as_stream(stream);
   const int n = static_cast<int>(N), k = static_cast<int>(K), m = static_cast<int>(M);
   // Two tiles per warp halve the cost of the x fragments, but only where that still leaves

@@ -51,11 +51,11 @@
 // of the multiply that runs after the stream (a warp's chunk spans 32 rows, which arrive from
 // DRAM in no fixed order; bench/NOTES.md, session 14).
 //
-// Shapes taken: M = 1, K a multiple of 64 up to 16 * CPW chunks (16384), group 0 (per-row
-// scales), 16-byte aligned q and x, sm_80+. Others return false (gemv_ternary.cu takes them).
+// Shapes taken: M = 1, K up to 16 * CPW chunks (16384), group 0 (per-row scales), among those
+// gemv_ternary_cuda takes (it checks dtype, K % 64, alignment and sm_80+ before calling this).
+// Others return false (gemv_ternary.cu takes them).
 #include <algorithm>
 #include <atomic>
-#include <climits>
 #include <cstdlib>
 
 #include "cuda/decode.cuh"
@@ -72,37 +72,16 @@ constexpr int CPW = 4;         // chunks per warp at most: their weights are hel
 constexpr int UPL = CPW / 2;   // units of 16 x elements per lane (a chunk has 16)
 constexpr int DIGITS = 3;      // base-256 digits of x 2^a, |x 2^a| < 2^22
 
-// d += A (16 x 32 u8, row) * B (32 x 8 s8, col), int32 accumulation (sm_80+).
-__device__ __forceinline__ void mma_u8s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+// Warp-wide max or sum (one instruction on sm_80+).
+template <bool MAX, typename V>
+__device__ __forceinline__ V warp_reduce(V v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // the kernel is compiled for every architecture, launched on sm_80+ only (the host checks)
-#else
-  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// Warp-wide max and sum (one instruction each on sm_80+).
-__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();
   return v;
 #else
-  return __reduce_max_sync(0xffffffffu, v);
+  return MAX ? __reduce_max_sync(0xffffffffu, v) : __reduce_add_sync(0xffffffffu, v);
 #endif
 }
-__device__ __forceinline__ int warp_sum(int v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();
-  return v;
-#else
-  return __reduce_add_sync(0xffffffffu, v);
-#endif
-}
-
-// The power of two 2^e as a float, e in [-126, 127].
-__device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
 
 // Byte offset of 16-byte unit u (0..3) of digit d for lane t in chunk c of a warp's region. The
 // unit index is XOR-ed with t so that the 8 lanes of a quarter-warp's 16-byte loads (digits 0,
@@ -186,7 +165,7 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
   for (int r = 0; r < UPL; ++r)
 #pragma unroll
     for (int e = 0; e < 16; ++e) mbits = max(mbits, __float_as_uint(unit_elem<T>(xr[r], e)) & 0x7fffffffu);
-  mbits = warp_max(mbits);
+  mbits = warp_reduce<true>(mbits);
   const int a = mbits == 0 ? 0 : min(148 - max(static_cast<int>(mbits >> 23), 1), 126);
   const float sc = pow2(a);
   const float inv = mbits >= 0x7f800000u ? __int_as_float(0x7fc00000) : pow2(-a);  // NaN for inf / NaN in x
@@ -218,7 +197,7 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
     }
   }
 #pragma unroll
-  for (int d = 0; d < DIGITS; ++d) dsum[d] = warp_sum(dsum[d]);
+  for (int d = 0; d < DIGITS; ++d) dsum[d] = warp_reduce<false>(dsum[d]);
   __syncwarp();
 
   // B column g is digit g; columns 3..7 are zero.
@@ -247,7 +226,7 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
           const uint32_t a4[4] = {word_of(wbuf[c][i][0], 2 * p) & mask, word_of(wbuf[c][i][1], 2 * p) & mask,
                                   word_of(wbuf[c][i][0], 2 * p + 1) & mask, word_of(wbuf[c][i][1], 2 * p + 1) & mask};
           const uint32_t b[2] = {xb[4 * (2 * p) + j], xb[4 * (2 * p + 1) + j]};
-          mma_u8s8(acc[i][j], a4, b);
+          mma_16832_i8<true>(acc[i][j], a4, b);
         }
   }
 
@@ -337,18 +316,13 @@ bool enabled() {  // BITKERNEL_TERNARY_DIGITS=0 turns this kernel off (A/B measu
 }  // namespace
 
 bool gemv_ternary_digits_cuda(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
-                              int64_t group, int64_t N, const void* bias, const float* xs, void* y,
-                              uintptr_t stream) {
-  if (!enabled() || (dtype != F16 && dtype != BF16) || M != 1 || group != 0 || N < 1 || N > INT_MAX - 64 ||
-      K < 64 || K % 64 != 0 || K > MAX_SPLIT * CPW * CHUNK_K || reinterpret_cast<uintptr_t>(q) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0)
-    return false;
-  const DeviceInfo info = current_device();
-  if (!info.has_mma16816()) return false;
+                              int64_t group, int64_t N, const void* bias, const float* xs, void* y, uintptr_t stream,
+                              int dev, int sms) {
+  if (!enabled() || M != 1 || group != 0 || K > MAX_SPLIT * CPW * CHUNK_K) return false;
   const cudaStream_t s = as_stream(stream);
   const int n = static_cast<int>(N), k = static_cast<int>(K);
-  const bool ok = dtype == F16 ? launch<__half>(x, k, q, scale, n, bias, xs, y, s, info.index, info.sms)
-                               : launch<__nv_bfloat16>(x, k, q, scale, n, bias, xs, y, s, info.index, info.sms);
+  const bool ok = dtype == F16 ? launch<__half>(x, k, q, scale, n, bias, xs, y, s, dev, sms)
+                               : launch<__nv_bfloat16>(x, k, q, scale, n, bias, xs, y, s, dev, sms);
   if (ok) check_launch("gemv_ternary_digits");
   return ok;
 }
