@@ -51,6 +51,27 @@ inline DeviceInfo current_device() {
   return d;
 }
 
+// Blocks of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) resident per SM of device dev,
+// or `fallback` where the runtime cannot say. The answer is kept in `cache`, one array per kernel instantiation
+// (its caller's static), per device: the occupancy query is host work on every launch otherwise.
+template <typename Kernel>
+int blocks_per_sm(std::atomic<int> (&cache)[kMaxDevices], int dev, Kernel kernel, int threads, size_t smem,
+                  int fallback) {
+  std::atomic<int>* slot = dev >= 0 && dev < kMaxDevices ? &cache[dev] : nullptr;
+  if (slot) {
+    const int v = slot->load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
+    cudaGetLastError();  // an answer, not a failure of the caller's launch
+    blocks = 0;
+  }
+  const int v = blocks > 0 ? blocks : fallback;
+  if (slot) slot->store(v, std::memory_order_relaxed);
+  return v;
+}
+
 // Calls f(T{}) with T the device type of a dtype code.
 template <typename F> void dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {

@@ -392,16 +392,10 @@ __global__ void __launch_bounds__(kThreads) quantize_rows_fp8_2pass(const T* __r
 // Blocks of fp8_operands_kernel that fit on the GPU at once, counted with the largest stage ITEMS allows:
 // the quantization's grid, whose blocks then walk rows.
 template <typename T, int ITEMS, bool FOLD> unsigned resident_blocks() {
-  static const int per_sm = [] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fp8_operands_kernel<T, ITEMS, FOLD>, kThreads,
-                                                      16 * ITEMS * kThreads) != cudaSuccess) {
-      cudaGetLastError();
-      n = 1;
-    }
-    return n > 0 ? n : 1;
-  }();
-  return static_cast<unsigned>(per_sm * current_device().sms);
+  static std::atomic<int> cache[kMaxDevices] = {};
+  const DeviceInfo d = current_device();
+  return static_cast<unsigned>(
+      blocks_per_sm(cache, d.index, fp8_operands_kernel<T, ITEMS, FOLD>, kThreads, 16 * ITEMS * kThreads, 1) * d.sms);
 }
 
 template <typename T, int ITEMS, bool FOLD>

@@ -324,25 +324,11 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
   }
 }
 
-// Resident warps per SM of a kernel instantiation on a device (cached per instantiation and
-// device: the occupancy query is host work on every call otherwise).
+// Resident warps per SM of a kernel instantiation on a device (4-warp blocks).
 template <typename T, int NT, int TW, bool GROUPED>
 int warps_per_sm(int dev, int smem_per_warp) {
   static std::atomic<int> cache[kMaxDevices] = {};
-  auto kernel = gemv_ternary_kernel<T, NT, TW, GROUPED>;
-  std::atomic<int>* slot = dev >= 0 && dev < kMaxDevices ? &cache[dev] : nullptr;
-  if (slot) {
-    const int v = slot->load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, 128, 4 * smem_per_warp) != cudaSuccess) {
-    cudaGetLastError();
-    blocks = 4;
-  }
-  const int v = blocks > 0 ? 4 * blocks : 16;
-  if (slot) slot->store(v, std::memory_order_relaxed);
-  return v;
+  return 4 * blocks_per_sm(cache, dev, gemv_ternary_kernel<T, NT, TW, GROUPED>, 128, 4 * smem_per_warp, 4);
 }
 
 template <typename T, int NT, int TW, bool GROUPED>

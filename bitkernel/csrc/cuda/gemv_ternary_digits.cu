@@ -260,24 +260,11 @@ __global__ void __launch_bounds__(32 * MAX_SPLIT)
   }
 }
 
-// Resident warps per SM of the kernel on a device, by its registers (cached per device: the
-// occupancy query is host work on every call otherwise).
+// Resident warps per SM of the kernel on a device, by its registers (one-warp blocks).
 template <typename T>
 int warps_per_sm(int dev) {
   static std::atomic<int> cache[kMaxDevices] = {};
-  std::atomic<int>* slot = dev >= 0 && dev < kMaxDevices ? &cache[dev] : nullptr;
-  if (slot) {
-    const int v = slot->load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int blocks = 0;  // of one warp
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_ternary_digits_kernel<T>, 32, 0) != cudaSuccess) {
-    cudaGetLastError();
-    blocks = 16;
-  }
-  const int v = blocks > 0 ? blocks : 16;
-  if (slot) slot->store(v, std::memory_order_relaxed);
-  return v;
+  return blocks_per_sm(cache, dev, gemv_ternary_digits_kernel<T>, 32, 0, 16);
 }
 
 template <typename T>
