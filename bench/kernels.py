@@ -14,8 +14,10 @@ On sm_89+ W1.58A8 with M > 16 runs as FP8 (BITKERNEL_FP8=0 measures the int8
 kernel instead); the "fp8 cuBLAS" column is its ceiling: torch._scaled_mm alone
 on operands already in e4m3 (row-wise scales, bf16 out), without the per-call
 activation quantization and weight expansion. "W1.58A16 expansion" is the
-2-bit to bf16 expansion alone that W1.58A16 runs before cuBLAS above M = 16, as
-a share of the bf16 time. "W1.58A16+r32" and "W1.58A8+r32" run the op with a
+2-bit to bf16 expansion alone that W1.58A16 runs before cuBLAS above M = 16
+(except where bitkernel's sm_90 GEMM takes the shape), as a share of the bf16
+time; on an sm_90 GPU "W1.58A16 via expansion" is that route in full, with the
+sm_90 GEMM switched off. "W1.58A16+r32" and "W1.58A8+r32" run the op with a
 rank-32 low-rank branch (bf16), as a converted file with the converter's default
 calibration has (W1.58A8's FP8 path folds it into its GEMM).
 """
@@ -31,6 +33,7 @@ from report_table import emit  # bench/ is on sys.path when this script runs
 
 import bitkernel
 import bitkernel.functional as F
+from bitkernel._lib import C
 
 # (BFL layer name, N, K); guide section 1.
 SHAPES = [
@@ -52,9 +55,11 @@ VARIANTS = [
     ("W1.58A8", "ternary", 0, True),
 ]
 FP8_CEILING = "fp8 cuBLAS"
-# Above the small-M kernels W1.58A16 expands the weights to bf16 for cuBLAS: the expansion alone, to show
-# how much of the gap to bf16 it is.
+# Above the small-M kernels W1.58A16 expands the weights to bf16 for cuBLAS (where the sm_90 GEMM does not take
+# the shape): the expansion alone, to show how much of the gap to bf16 it is.
 DECODE = "W1.58A16 expansion"
+# Where bitkernel's sm_90 GEMM serves W1.58A16 above M = 16: the route it replaces (expansion + cuBLAS), same run.
+EXPANDED = "W1.58A16 via expansion"
 # W1.58A16 with a rank-32 low-rank branch (the converter's default --calibrate adds one to every ternary layer).
 BRANCH_RANK = 32
 BRANCH = f"W1.58A16+r{BRANCH_RANK}"
@@ -146,12 +151,29 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
                 columns[FP8_CEILING] = ceiling
         if name == "W1.58A16" and m > F.SMALL_M:
             columns[DECODE] = [lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]
+            if sm90_gemm():
+                columns[EXPANDED] = [lambda q=q_: expanded(x, q) for q_ in qws]
         if name in ("W1.58A16", "W1.58A8"):
             columns[BRANCH8 if a8 else BRANCH] = [lambda q=q_, a=a8: F.linear(x, q, None, a, lr) for q_ in qws]
     res = time_graphs(columns)
     del columns, ws
     torch.cuda.empty_cache()
     return res
+
+
+def sm90_gemm() -> bool:
+    return F.SM90_GEMM and hasattr(C, "gemm_ternary_sm90_cuda") and (
+        torch.cuda.get_device_capability() == (9, 0)
+    )
+
+
+def expanded(x: torch.Tensor, qw: F.QuantizedWeight) -> torch.Tensor:
+    """W1.58A16 with the sm_90 GEMM switched off: the weights expanded to bf16 for cuBLAS."""
+    F.SM90_GEMM = False
+    try:
+        return F.linear(x, qw)
+    finally:
+        F.SM90_GEMM = True
 
 
 def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> list:
@@ -188,7 +210,7 @@ def main() -> None:
         f"(archs {info['cuda_archs']}) | W1.58A8 FP8 path {'on' if F.FP8 else 'off'}\n\n"
     )
     names = [v[0] for v in variants] + ([FP8_CEILING] if "W1.58A8" in args.formats else [])
-    names += [DECODE, BRANCH] if "W1.58A16" in args.formats else []
+    names += [DECODE, EXPANDED, BRANCH] if "W1.58A16" in args.formats else []
     names += [BRANCH8] if "W1.58A8" in args.formats else []
     cols = ["bf16 ms"] + [f"{name} ms (x)" for name in names]
     lines = ["| layer (N x K) | M | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]

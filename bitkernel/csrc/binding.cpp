@@ -127,6 +127,16 @@ PYBIND11_MODULE(_C, m) {
     gemm_s8_cuda(fmt, ptr<const int8_t>(xq), ptr<const float>(xs), M, K, ptr<const uint8_t>(q), ptr<const float>(scale),
                  N, ptr<const void>(bias), dtype, ptr<void>(y), stream);
   });
+#ifdef BITKERNEL_WITH_SM90A
+  m.def("gemm_ternary_sm90_workspace_bytes", &gemm_ternary_sm90_workspace_bytes);
+  m.def("gemm_ternary_sm90_cuda", [](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t q, uintptr_t scale,
+                                     int64_t N, uintptr_t bias, bool accumulate, uintptr_t y, uintptr_t workspace,
+                                     int64_t workspace_bytes, double min_ktiles, uintptr_t stream) {
+    return gemm_ternary_sm90_cuda(ptr<const void>(x), dtype, M, K, ptr<const uint8_t>(q), ptr<const float>(scale), N,
+                                  ptr<const void>(bias), accumulate, ptr<void>(y), ptr<void>(workspace),
+                                  workspace_bytes, min_ktiles, stream);
+  });
+#endif
   m.def("fp8_supported", &fp8_supported_cuda);
   m.def("ternary_to_fp8_cuda", [](uintptr_t q, int64_t N, int64_t K, int64_t rows, uintptr_t out, int64_t ldo,
                                   uintptr_t stream) {

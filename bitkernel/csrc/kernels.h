@@ -58,6 +58,19 @@ void quantize_act_cuda(const void* x, int dtype, int64_t M, int64_t K, int8_t* x
 void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t K,
                   const uint8_t* q, const float* scale, int64_t N, const void* bias, int dtype,
                   void* y, uintptr_t stream);
+// Ternary (group 0) times 16-bit x at large M on sm_90 (cuda/gemm_ternary_sm90.cu, built where the arch list
+// has 90): the codes are decoded in registers into wgmma's A operand, no expanded copy of the weights. With
+// accumulate, the product is added to y's contents. workspace: gemm_ternary_sm90_workspace_bytes(SM count)
+// bytes, zero-initialised once and reused by every call on one stream (16 bytes of counts per SM, which each
+// launch leaves zero, then 128 KB of partial sums per SM). Returns false, having done nothing, for
+// devices, dtypes or shapes it does not take, and where its busiest CTA would get fewer than min_ktiles
+// k-tiles of 64 (the caller then expands the weights for cuBLAS).
+#ifdef BITKERNEL_WITH_SM90A
+int64_t gemm_ternary_sm90_workspace_bytes(int sms);
+bool gemm_ternary_sm90_cuda(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
+                            int64_t N, const void* bias, bool accumulate, void* y, void* workspace,
+                            int64_t workspace_bytes, double min_ktiles, uintptr_t stream);
+#endif
 // FP8 e4m3 operands for torch._scaled_mm (W1.58A8 at large M on sm_89+, see cuda/fp8.cu).
 // Whether this build has FP8 kernels for the current device (sm_89+ code in the image).
 bool fp8_supported_cuda();

@@ -25,26 +25,29 @@ __device__ __forceinline__ float pow2(int e) { return __uint_as_float(static_cas
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// The current device, its compute capability major and SM count: the attributes are read
-// from the runtime once per device, not on every launch of the small-M kernels.
+// The current device, its compute capability and SM count: the attributes are read from the
+// runtime once per device, not on every launch.
 struct DeviceInfo {
-  int index = 0, major = 0, sms = 0;
+  int index = 0, major = 0, minor = 0, sms = 0;
   bool has_mma16816() const { return major >= 8; }  // the mma.m16n8k16 kernels (sm_80+)
 };
 // Devices with per-device caches of launch parameters (a larger index is queried every call).
 constexpr int kMaxDevices = 64;
 inline DeviceInfo current_device() {
-  static std::atomic<int> major[kMaxDevices], sms[kMaxDevices];  // major 0: not read yet
+  static std::atomic<int> major[kMaxDevices], minor[kMaxDevices], sms[kMaxDevices];  // major 0: not read yet
   DeviceInfo d;
   cudaGetDevice(&d.index);
   const bool cached = d.index >= 0 && d.index < kMaxDevices;
   if (cached && (d.major = major[d.index].load(std::memory_order_acquire)) > 0) {
+    d.minor = minor[d.index].load(std::memory_order_relaxed);
     d.sms = sms[d.index].load(std::memory_order_relaxed);
     return d;
   }
   cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, d.index);
+  cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, d.index);
   cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, d.index);
   if (cached) {
+    minor[d.index].store(d.minor, std::memory_order_relaxed);
     sms[d.index].store(d.sms, std::memory_order_relaxed);
     major[d.index].store(d.major, std::memory_order_release);
   }

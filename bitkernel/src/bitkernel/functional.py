@@ -46,6 +46,14 @@ FP8: bool = os.environ.get("BITKERNEL_FP8", "1").strip().lower() not in ("0", "f
 # W1.58A8's FP8 path folds a low-rank branch of rank 8, 16, 24, ... into its GEMM (see _linear_fp8). A switch for
 # A/B measurements: `BITKERNEL_FP8_FOLD=0` in the environment (read at import) runs the branch apart.
 FP8_FOLD: bool = os.environ.get("BITKERNEL_FP8_FOLD", "1").strip().lower() not in ("0", "false", "off", "no")
+# W1.58A16 with more than SMALL_M rows on sm_90 runs bitkernel's own GEMM (wgmma on codes decoded in registers)
+# instead of expanding the weights to 16 bits for cuBLAS, where the build has it (an arch list with 90). A switch
+# for A/B measurements: `BITKERNEL_SM90_GEMM=0` in the environment (read at import) expands them everywhere.
+SM90_GEMM: bool = os.environ.get("BITKERNEL_SM90_GEMM", "1").strip().lower() not in ("0", "false", "off", "no")
+# ...where its busiest CTA gets at least this many k-tiles of 64: below, its fixed costs (a few us) outweigh the
+# expansion it saves. H100, M = 512: 3072 x 3072 (~26 k-tiles a CTA) 0.52-0.59x of bf16 against 0.67x expanded,
+# 3072 x 12288 (~98) 0.69-0.73x against 0.63x (bench/NOTES.md, session 16).
+SM90_MIN_KTILES: float = 32.0
 # From this many rows on W1.58A8 takes the FP8 path. Below, the int8 small-M path stays: the
 # expansion of the weights to e4m3 (4x the packed bytes, written and read back) would dominate.
 FP8_MIN_M = SMALL_M + 1
@@ -282,18 +290,54 @@ def _linear_kernels(
             pass  # into tensor cores
         elif small and m <= lib.GEMV_MAX_M:
             lib.gemv_cuda(*common, _ptr(y), stream)  # formats and shapes the tensor-core kernel does not take
-        else:  # compute-bound: expand the weights to 16 bits for cuBLAS
-            w = torch.empty(n, k, dtype=x2.dtype, device=dev)
-            lib.dequantize_cuda(*_dequantize_args(qw, w), stream)
-            if down is None:
-                return torch.nn.functional.linear(x2, w, bias), False
-            # The branch's product is written first and cuBLAS adds the main product onto it in its epilogue
-            # (beta = 1): one more pass over [M, N] instead of the three of a separate sum. (Folding up @ down
+        else:  # compute-bound
+            # The branch's product is written first and the main product is added onto it in the GEMM's
+            # epilogue: one more pass over [M, N] instead of the three of a separate sum. (Folding up @ down
             # into the expanded weight instead was measured slower: bench/NOTES.md, session 9.)
-            t = torch.nn.functional.linear(x2, down)
-            y = torch.mm(t, up.t()) if bias is None else torch.addmm(bias, t, up.t())
-            return y.addmm_(x2, w.t()), True
+            base = None
+            if down is not None:
+                t = torch.nn.functional.linear(x2, down)
+                base = torch.mm(t, up.t()) if bias is None else torch.addmm(bias, t, up.t())
+            y = _gemm_sm90(lib, x2, qw, bias, base, stream)
+            if y is None:  # expand the weights to 16 bits for cuBLAS (beta = 1 onto the branch)
+                w = torch.empty(n, k, dtype=x2.dtype, device=dev)
+                lib.dequantize_cuda(*_dequantize_args(qw, w), stream)
+                y = torch.nn.functional.linear(x2, w, bias) if base is None else base.addmm_(x2, w.t())
+            return y, True
     return y, False
+
+
+# The sm_90 GEMM's workspace (stream-K hand-over flags and partial sums, ~128 KB per SM) per (device index,
+# stream, capturing): zero-initialised once and kept zero by the kernel, so a stream's calls (which do not
+# overlap) share it. One made during CUDA-graph capture is zeroed by the graph when it replays and serves
+# captures only.
+_sm90_workspace: dict[tuple[int, int, bool], torch.Tensor] = {}
+
+
+def _sm90_ws(lib, dev: torch.device, stream: int) -> torch.Tensor:
+    key = (dev.index, stream, torch.cuda.is_current_stream_capturing())
+    ws = _sm90_workspace.get(key)
+    if ws is None:
+        nbytes = lib.gemm_ternary_sm90_workspace_bytes(torch.cuda.get_device_properties(dev).multi_processor_count)
+        ws = _sm90_workspace[key] = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+    return ws
+
+
+def _gemm_sm90(
+    lib, x2: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor], base: Optional[torch.Tensor], stream: int
+) -> Optional[torch.Tensor]:
+    """x2 @ W.T (+ bias, or + base in place) by the sm_90 GEMM on the packed weights; None where it does not
+    apply (the build has no sm_90a image, the device is not sm_90, the format or shape is not its)."""
+    gemm = getattr(lib, "gemm_ternary_sm90_cuda", None)
+    if gemm is None or not SM90_GEMM or qw.fmt != "ternary" or qw.group_size:
+        return None
+    m, k, n = x2.shape[0], qw.in_features, qw.out_features
+    ws = _sm90_ws(lib, x2.device, stream)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if base is None else base
+    bias_ptr = _ptr(bias) if base is None else 0  # the base holds it already
+    ok = gemm(_ptr(x2), DTYPE_CODES[x2.dtype], m, k, _ptr(qw.qweight), _ptr(qw.scale), n, bias_ptr,
+              base is not None, _ptr(y), _ptr(ws), ws.numel(), SM90_MIN_KTILES, stream)
+    return y if ok else None
 
 
 @_linear_op.register_fake
