@@ -169,11 +169,11 @@ def sm90_gemm() -> bool:
 
 def expanded(x: torch.Tensor, qw: F.QuantizedWeight) -> torch.Tensor:
     """W1.58A16 with the sm_90 GEMM switched off: the weights expanded to bf16 for cuBLAS."""
-    F.SM90_GEMM = False
+    before, F.SM90_GEMM = F.SM90_GEMM, False
     try:
         return F.linear(x, qw)
     finally:
-        F.SM90_GEMM = True
+        F.SM90_GEMM = before
 
 
 def fp8_ceiling(x: torch.Tensor, qw: F.QuantizedWeight) -> list:

@@ -249,3 +249,16 @@ def test_eager_call_is_the_op(device, fmt, group, sym, a8, m):
         op = torch.ops.bitkernel.linear(x, qw.qweight, qw.scale, qw.zero, bias, F.FORMAT_CODES[fmt], group, a8,
                                         *(branch or (None, None)))
         assert torch.equal(F.linear(x, qw, bias, a8, branch), op)
+
+
+@pytest.mark.parametrize("fmt,group,sym,a8", CASES)
+@pytest.mark.parametrize("m", [1, 33])
+def test_strided_bias_reads_as_its_values(device, fmt, group, sym, a8, m):
+    """A bias view with a stride (every other element of a buffer) gives what its contiguous copy gives."""
+    gen = torch.Generator().manual_seed(m + len(fmt))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    qw, bias = make(fmt, group, sym, 131, 4 * 75, device, gen, dtype)
+    x = torch.randn(m, 4 * 75, generator=gen).to(device, bias.dtype)
+    wide = torch.zeros(2 * 131, device=device, dtype=bias.dtype)
+    wide[::2] = bias
+    assert torch.equal(F.linear(x, qw, wide[::2], a8), F.linear(x, qw, bias, a8))

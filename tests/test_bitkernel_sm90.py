@@ -115,6 +115,35 @@ def test_split_tiles_are_deterministic_and_leave_their_counts_zero():
     assert F._sm90_workspace and all(int(ws[:counts].count_nonzero()) == 0 for ws in F._sm90_workspace.values())
 
 
+def test_graphs_own_their_workspace():
+    """Two graphs captured alike (the same capture stream) replayed at once on two streams: each has its own split
+    tiles' counts and sums, so both give the eager result."""
+    x, qw, bias = operands(193, 3072, 3072, torch.bfloat16, 5)  # every tile split by k
+    expect = F.linear(x, qw, bias)
+    graphs, outs = [], []
+    for _ in range(2):
+        F.linear(x, qw, bias)  # warm-up outside capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs.append(F.linear(x, qw, bias))
+        graphs.append(g)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(5):
+        for g, s in zip(graphs, streams):
+            with torch.cuda.stream(s):
+                g.replay()
+        torch.cuda.synchronize()
+        for y in outs:
+            torch.testing.assert_close(y, expect, rtol=0, atol=0)
+
+
+def test_strided_bias():
+    x, qw, bias = operands(300, 1024, 1024, torch.float16, 9)
+    wide = torch.zeros(2 * 1024, device="cuda", dtype=torch.float16)
+    wide[::2] = bias
+    torch.testing.assert_close(F.linear(x, qw, wide[::2]), F.linear(x, qw, bias), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "what,shape,group",
     [("K not a multiple of 64", (256, 128, 96), 0), ("N not a multiple of 8", (256, 132, 128), 0),

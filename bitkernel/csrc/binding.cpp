@@ -129,6 +129,7 @@ PYBIND11_MODULE(_C, m) {
   });
 #ifdef BITKERNEL_WITH_SM90A
   m.def("gemm_ternary_sm90_workspace_bytes", &gemm_ternary_sm90_workspace_bytes);
+  m.attr("SM90_COUNT_BYTES_PER_SM") = kSm90CountBytesPerSm;
   m.def("gemm_ternary_sm90_cuda", [](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t q, uintptr_t scale,
                                      int64_t N, uintptr_t bias, bool accumulate, uintptr_t y, uintptr_t workspace,
                                      int64_t workspace_bytes, double min_ktiles, uintptr_t stream) {

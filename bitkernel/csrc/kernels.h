@@ -61,11 +61,12 @@ void gemm_s8_cuda(int fmt, const int8_t* xq, const float* xs, int64_t M, int64_t
 // Ternary (group 0) times 16-bit x at large M on sm_90 (cuda/gemm_ternary_sm90.cu, built where the arch list
 // has 90): the codes are decoded in registers into wgmma's A operand, no expanded copy of the weights. With
 // accumulate, the product is added to y's contents. workspace: gemm_ternary_sm90_workspace_bytes(SM count)
-// bytes, zero-initialised once and reused by every call on one stream (16 bytes of counts per SM, which each
-// launch leaves zero, then 128 KB of partial sums per SM). Returns false, having done nothing, for
+// bytes: kSm90CountBytesPerSm of counts per SM, zero before the launch and left zero by it, then 128 KB of
+// partial sums per SM. Launches sharing a workspace must not overlap. Returns false, having done nothing, for
 // devices, dtypes or shapes it does not take, and where its busiest CTA would get fewer than min_ktiles
-// k-tiles of 64 (the caller then expands the weights for cuBLAS).
+// k-tiles of 64 (the caller then expands the weights for cuBLAS); throws on a CUDA error.
 #ifdef BITKERNEL_WITH_SM90A
+constexpr int64_t kSm90CountBytesPerSm = 16;
 int64_t gemm_ternary_sm90_workspace_bytes(int sms);
 bool gemm_ternary_sm90_cuda(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
                             int64_t N, const void* bias, bool accumulate, void* y, void* workspace,

@@ -1,8 +1,8 @@
 // Ternary weights times 16-bit activations at large M on Hopper (sm_90a), without expanding the
-// weights in memory:
+// weights in memory (to x's dtype, as the other route does):
 //   y[m, n] = s[n] * sum_k x[m, k] * (c[n, k] - 1) (+ bias[n]) (+ y[m, n] with accumulate).
 //
-// Why. The other route for M > 16 writes the weights out as bf16 (2 bytes per weight) and hands
+// Why. The other route for M > 16 writes the weights out in 16 bits (2 bytes per weight) and hands
 // them to cuBLAS: on an H100 that expansion costs 6.7-7.7% of the bf16 GEMM's time at FLUX's
 // M = 4608 shapes (bench/NOTES.md, session 15). Here the 2-bit codes go from global memory to
 // shared memory to registers, where they become the A operand of wgmma; nothing is written back.
@@ -59,7 +59,8 @@
 // while the warpgroup starts its next tile.
 //
 // Shapes taken: sm_90 (the sm_90a image), 16-bit x, K a multiple of 64, group 0 (one scale per
-// row), N a multiple of 8, 16-byte aligned x, codes and y. Others return false and the caller
+// row), N a multiple of 8, 16-byte aligned x, codes, y and workspace, fewer than 2^31
+// k-iterations, and enough work per CTA (min_ktiles). Others return false and the caller
 // expands the weights for cuBLAS.
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -79,10 +80,10 @@ namespace {
 constexpr int BM = 128;     // weight rows per tile: 64 per consumer warpgroup
 constexpr int BK = 64;      // k per stage: one 128-byte swizzled row of x, 16 bytes of codes
 constexpr int THREADS = 384;  // two consumer warpgroups, then the producer's
-// Workspace per CTA (one per SM at most): a count of a split tile's k-ranges done (the tile's first CTA's),
-// and the CTA's partial sums (256 consumer threads x 128 floats at BN = 256), in the caller's zero-initialised
-// memory; the CTA that finishes a tile sets its count back to zero.
-constexpr int64_t kFlagBytes = 16, kPartialBytes = 256 * 128 * 4;
+// Workspace (kernels.h): per SM, a 4-byte count of a split tile's finished k-ranges (indexed by the split
+// tile, in 16 bytes so that the partial sums after the counts stay 16-byte aligned), then per CTA its partial
+// sums (256 consumer threads x 128 floats at BN = 256). The CTA that finishes a tile sets its count back to zero.
+constexpr int64_t kPartialBytes = 256 * 128 * 4;
 constexpr int kMaxSplit = 4;  // k-ranges per split tile: the last one's CTA reads the others' sums at once
 
 template <int BN> struct Plan {
@@ -105,9 +106,7 @@ template <> struct Magic<__nv_bfloat16> {  // 7 mantissa bits: 128 below, 32 abo
 };
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define BITKERNEL_SM90_ONLY() __trap()  // the file is built for sm_90a alone; the host checks the device
-#else
-#define BITKERNEL_SM90_ONLY() (void)0
+#error "gemm_ternary_sm90.cu is built for sm_90a alone (CMakeLists.txt)"
 #endif
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -202,9 +201,9 @@ template <typename T, int BN>
 __global__ void __launch_bounds__(THREADS, 1)
     gemm_ternary_sm90(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
                       const __grid_constant__ CUtensorMap ty, const float* __restrict__ scale,
-                      const T* __restrict__ bias, int M, int N, int K, int accumulate, uint32_t magic,
+                      const T* __restrict__ bias, int M, int N, int K, int accumulate,
+                      uint32_t magic,  // Magic<T>::MAGIC: a parameter sits in a register (a LOP3 has one immediate)
                       int waves, int split, int* __restrict__ flags, float4* __restrict__ partials) {
-  BITKERNEL_SM90_ONLY();
   using P = Plan<BN>;
   constexpr int S = P::STAGES;
   extern __shared__ uint8_t raw[];
@@ -305,37 +304,37 @@ __global__ void __launch_bounds__(THREADS, 1)
       float4* part = partials + static_cast<int64_t>(b) * (BN / 8) * 256 + ctid;
       if (kt1 < kts) {  // not the last k-range: leave the sums in this CTA's slot, count in, done
 #pragma unroll
-        for (int i = 0; i < BN / 8; ++i)
-          __stcg(part + i * 256, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-        __threadfence();
-        named_barrier(1, 256);
-        if (ctid == 0) atomicAdd(flags + tile_slot, 1);
+        for (int q = 0; q < BN / 8; ++q)
+          __stcg(part + q * 256, make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]));
+        named_barrier(1, 256);  // all the slot's stores before thread 0's release (cumulative through the barrier)
+        if (ctid == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(flags + tile_slot) : "memory");
         continue;
       }
-      // The last k-range (the tile's highest CTA, dispatched last) adds the others' slots in a fixed order,
-      // so the result does not depend on which CTA finished first: loads of up to three slots in flight.
+      // The last k-range adds the others' slots in a fixed order, so the result does not depend on which CTA
+      // finished first: loads of up to three slots in flight. Its CTA has the tile's highest index and waits only
+      // on lower ones, which wait on nothing: no deadlock as long as CTAs start in index order (the grid is at
+      // most one CTA per SM, so all start at once unless other work holds SMs).
       if (ctid == 0) {
         flag_acquire(flags + tile_slot, c);
-        flags[tile_slot] = 0;  // zero again for the next launch (launches on a stream do not overlap)
+        flags[tile_slot] = 0;  // zero again for the next launch on this workspace
       }
-      named_barrier(1, 256);
-      __threadfence();
+      named_barrier(1, 256);  // thread 0's acquire covers the others' loads after the barrier
       constexpr int U = BN == 256 ? 1 : 4;  // float4 per slot in flight: 12 U registers (none to spare at 256)
       static_assert(BN / 8 % U == 0, "slots are read U float4 at a time");
 #pragma unroll
-      for (int i = 0; i < BN / 8; i += U) {
+      for (int q = 0; q < BN / 8; q += U) {
         float4 v[kMaxSplit - 1][U];
 #pragma unroll
         for (int o = 0; o < kMaxSplit - 1; ++o)
 #pragma unroll
           for (int u = 0; u < U; ++u)
-            if (o < c) v[o][u] = __ldcg(part - static_cast<int64_t>(o + 1) * (BN / 8) * 256 + (i + u) * 256);
+            if (o < c) v[o][u] = __ldcg(part - static_cast<int64_t>(o + 1) * (BN / 8) * 256 + (q + u) * 256);
 #pragma unroll
         for (int o = 0; o < kMaxSplit - 1; ++o)
 #pragma unroll
           for (int u = 0; u < U; ++u)
             if (o < c) {
-              float* a4 = acc + 4 * (i + u);
+              float* a4 = acc + 4 * (q + u);
               a4[0] += v[o][u].x, a4[1] += v[o][u].y, a4[2] += v[o][u].z, a4[3] += v[o][u].w;
             }
       }
@@ -349,13 +348,13 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int h = 0; h < 2; ++h) {
       const int nl = row - 64 * cw + 8 * h, n = n0 + 64 * cw + nl;
       const float sc = n < N ? scale[n] : 0.f;
-      const float b = bias != nullptr && n < N ? to_f32(bias[n]) : 0.f;
+      const float bn_ = bias != nullptr && n < N ? to_f32(bias[n]) : 0.f;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int tok = 8 * j + 2 * t + e;
-          const T v = from_f32<T>(acc[4 * j + 2 * h + e] * sc + b);
+          const T v = from_f32<T>(acc[4 * j + 2 * h + e] * sc + bn_);
           const uint32_t at = ybuf + tok * 128 + ((((nl >> 3) ^ tok) & 7) << 4) + (nl & 7) * 2;
           asm volatile("st.shared.b16 [%0], %1;" ::"r"(at), "h"(*reinterpret_cast<const uint16_t*>(&v)));
         }
@@ -443,8 +442,8 @@ int pick_bn(int64_t M, int64_t N, int kts, int sms) {
 
 template <typename T, int BN>
 bool launch(const CUtensorMap& tx, const CUtensorMap& tw, const CUtensorMap& ty, const float* scale, const void* bias,
-            int64_t M, int64_t N, int64_t K, bool accumulate, int* flags, float4* partials, int dev, int sms,
-            cudaStream_t stream) {
+            int64_t M, int64_t N, int64_t K, bool accumulate, const Schedule& sc, int* flags, float4* partials,
+            int dev, cudaStream_t stream) {
   using P = Plan<BN>;
   static std::atomic<bool> ready[kMaxDevices];
   auto kernel = gemm_ternary_sm90<T, BN>;
@@ -455,7 +454,6 @@ bool launch(const CUtensorMap& tx, const CUtensorMap& tw, const CUtensorMap& ty,
     }
     if (dev >= 0 && dev < kMaxDevices) ready[dev].store(true, std::memory_order_release);
   }
-  const Schedule sc = schedule(((M + BN - 1) / BN) * ((N + BM - 1) / BM), static_cast<int>(K / BK), sms);
   kernel<<<sc.grid, THREADS, P::SMEM, stream>>>(tx, tw, ty, scale, static_cast<const T*>(bias), static_cast<int>(M),
                                                  static_cast<int>(N), static_cast<int>(K), accumulate ? 1 : 0,
                                                  Magic<T>::MAGIC, sc.waves, sc.split, flags, partials);
@@ -465,7 +463,7 @@ bool launch(const CUtensorMap& tx, const CUtensorMap& tw, const CUtensorMap& ty,
 
 }  // namespace
 
-int64_t gemm_ternary_sm90_workspace_bytes(int sms) { return int64_t{sms} * (kFlagBytes + kPartialBytes); }
+int64_t gemm_ternary_sm90_workspace_bytes(int sms) { return int64_t{sms} * (kSm90CountBytesPerSm + kPartialBytes); }
 
 bool gemm_ternary_sm90_cuda(const void* x, int dtype, int64_t M, int64_t K, const uint8_t* q, const float* scale,
                             int64_t N, const void* bias, bool accumulate, void* y, void* workspace,
@@ -475,7 +473,7 @@ bool gemm_ternary_sm90_cuda(const void* x, int dtype, int64_t M, int64_t K, cons
   const int64_t iterations = ((M + 127) / 128) * ((N + BM - 1) / BM) * (K / BK);  // at the smallest BN
   if (iterations >= (int64_t{1} << 31)) return false;
   const auto aligned = [](const void* p, uintptr_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; };
-  if (!aligned(x, 16) || !aligned(q, 16) || !aligned(y, 16) || !aligned(bias, 4) || !aligned(workspace, 16))
+  if (!aligned(x, 16) || !aligned(q, 16) || !aligned(y, 16) || !aligned(bias, 2) || !aligned(workspace, 16))
     return false;
   const DeviceInfo info = current_device();
   if (info.major != 9 || info.minor != 0) return false;
@@ -492,15 +490,15 @@ bool gemm_ternary_sm90_cuda(const void* x, int dtype, int64_t M, int64_t K, cons
       !make_map(&ty, type, y, M, N, 2, bn, 64, CU_TENSOR_MAP_SWIZZLE_128B))
     return false;
   int* flags = static_cast<int*>(workspace);
-  float4* partials = reinterpret_cast<float4*>(static_cast<uint8_t*>(workspace) + int64_t{info.sms} * kFlagBytes);
+  float4* partials = reinterpret_cast<float4*>(static_cast<uint8_t*>(workspace) + int64_t{info.sms} * kSm90CountBytesPerSm);
   const cudaStream_t st = as_stream(stream);
   bool done = false;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
       const auto go = [&](auto bn_c) {
-        return launch<T, decltype(bn_c)::value>(tx, tw, ty, scale, bias, M, N, K, accumulate, flags, partials,
-                                                info.index, info.sms, st);
+        return launch<T, decltype(bn_c)::value>(tx, tw, ty, scale, bias, M, N, K, accumulate, sc, flags, partials,
+                                                info.index, st);
       };
       done = bn == 256 ? go(std::integral_constant<int, 256>{})
              : bn == 192 ? go(std::integral_constant<int, 192>{})

@@ -1,7 +1,9 @@
 // wgmma.mma_async m64nNk16 with A in registers and B in shared memory (sm_90a), fp32 accumulators,
 // for the N the sm_90 GEMM uses. d += A (64 x 16, four registers per thread) * B (16 x N, descriptor);
 // scale_d == 0 makes it d = A * B. The operand lists are long, not clever: one asm statement per shape
-// (the 128 accumulators of N = 256 are one instruction's operands), the element type a string.
+// (the 128 accumulators of N = 256 are one instruction's operands), the element type a string. They
+// were written out by a few lines of Python: %0..%(N/2 - 1) are d, then the four A registers, the
+// descriptor and scale_d.
 #pragma once
 #include <cstdint>
 #include <type_traits>

@@ -224,6 +224,8 @@ def _linear_impl(
 ) -> torch.Tensor:
     qw = _check_linear(x, qweight, scale, zero, bias, fmt, group_size, act_int8)
     k, n = qw.in_features, qw.out_features
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read it as a plain array
     if down is not None:  # the kernels read the branch in x's dtype
         down, up = _like(down, x), _like(up, x)
     x2 = x.reshape(-1, k)  # a view where it can be: the FP8 path reads strided rows in place
@@ -254,7 +256,7 @@ def _linear_kernels(
     up: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, bool]:
     """([M, N], whether the branch is in it) from contiguous x2 [M, K] by bitkernel's kernels, or by cuBLAS on
-    the expanded weights, which takes the branch in the same GEMM."""
+    the expanded weights; above the small-M kernels the main product is added onto the branch's."""
     m, k, n = x2.shape[0], qw.in_features, qw.out_features
     fmt, qweight, scale, zero = FORMAT_CODES[qw.fmt], _ptr(qw.qweight), _ptr(qw.scale), _ptr(qw.zero)
     dev = x2.device
@@ -307,19 +309,23 @@ def _linear_kernels(
     return y, False
 
 
-# The sm_90 GEMM's workspace (stream-K hand-over flags and partial sums, ~128 KB per SM) per (device index,
-# stream, capturing): zero-initialised once and kept zero by the kernel, so a stream's calls (which do not
-# overlap) share it. One made during CUDA-graph capture is zeroed by the graph when it replays and serves
-# captures only.
-_sm90_workspace: dict[tuple[int, int, bool], torch.Tensor] = {}
+# The sm_90 GEMM's workspace (the split tiles' counts, which every launch leaves zero, then their partial sums,
+# ~128 KB per SM). Eager calls share one per (device index, stream): calls on a stream do not overlap. A call
+# being captured into a CUDA graph gets its own, allocated in the capture (so the graph owns it and zeroes its
+# counts on every replay), because graphs captured alike may be replayed at once on different streams.
+_sm90_workspace: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def _sm90_ws(lib, dev: torch.device, stream: int) -> torch.Tensor:
-    key = (dev.index, stream, torch.cuda.is_current_stream_capturing())
-    ws = _sm90_workspace.get(key)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    if torch.cuda.is_current_stream_capturing():
+        ws = torch.empty(lib.gemm_ternary_sm90_workspace_bytes(sms), dtype=torch.uint8, device=dev)
+        ws[: lib.SM90_COUNT_BYTES_PER_SM * sms].zero_()
+        return ws
+    ws = _sm90_workspace.get((dev.index, stream))
     if ws is None:
-        nbytes = lib.gemm_ternary_sm90_workspace_bytes(torch.cuda.get_device_properties(dev).multi_processor_count)
-        ws = _sm90_workspace[key] = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+        nbytes = lib.gemm_ternary_sm90_workspace_bytes(sms)
+        ws = _sm90_workspace[(dev.index, stream)] = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
     return ws
 
 
@@ -330,6 +336,8 @@ def _gemm_sm90(
     apply (the build has no sm_90a image, the device is not sm_90, the format or shape is not its)."""
     gemm = getattr(lib, "gemm_ternary_sm90_cuda", None)
     if gemm is None or not SM90_GEMM or qw.fmt != "ternary" or qw.group_size:
+        return None
+    if _capability(x2.device.index) != (9, 0):  # the kernel would decline: no workspace for it
         return None
     m, k, n = x2.shape[0], qw.in_features, qw.out_features
     ws = _sm90_ws(lib, x2.device, stream)
@@ -641,8 +649,9 @@ def linear(
 
     `lowrank` = (down [R, K], up [N, R]) is the layer's side branch (quality adapters, user LoRAs), computed
     in x's dtype on x's device (converted if not). Inside the op it costs less than `add_lowrank` after it:
-    above SMALL_M rows with 16-bit activations cuBLAS adds the main product onto the branch's in its
-    epilogue, so [M, N] is written once more instead of written, read and written again; on W1.58A8's FP8
+    above SMALL_M rows with 16-bit activations the GEMM (cuBLAS on the expanded weights, or bitkernel's sm_90
+    GEMM, whose TMA reduce-add rounds the product to x's dtype before the sum) adds the main product onto the
+    branch's, so [M, N] is written once more instead of written, read and written again; on W1.58A8's FP8
     path a branch whose rank is a multiple of 8 is folded into the GEMM itself (x @ down.T and up / s as R
     more columns of its operands, both rounded to e4m3), so [M, N] is written once.
 
