@@ -33,7 +33,6 @@ from report_table import emit  # bench/ is on sys.path when this script runs
 
 import bitkernel
 import bitkernel.functional as F
-from bitkernel._lib import C
 
 # (BFL layer name, N, K); guide section 1.
 SHAPES = [
@@ -151,7 +150,7 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
                 columns[FP8_CEILING] = ceiling
         if name == "W1.58A16" and m > F.SMALL_M:
             columns[DECODE] = [lambda q=q_: F.dequantize(q, torch.bfloat16) for q_ in qws]
-            if sm90_gemm():
+            if F.sm90_gemm_applies(x.device):
                 columns[EXPANDED] = [lambda q=q_: expanded(x, q) for q_ in qws]
         if name in ("W1.58A16", "W1.58A8"):
             columns[BRANCH8 if a8 else BRANCH] = [lambda q=q_, a=a8: F.linear(x, q, None, a, lr) for q_ in qws]
@@ -159,12 +158,6 @@ def bench_shape(n: int, k: int, m: int, variants: list[tuple[str, str, int, bool
     del columns, ws
     torch.cuda.empty_cache()
     return res
-
-
-def sm90_gemm() -> bool:
-    return F.SM90_GEMM and hasattr(C, "gemm_ternary_sm90_cuda") and (
-        torch.cuda.get_device_capability() == (9, 0)
-    )
 
 
 def expanded(x: torch.Tensor, qw: F.QuantizedWeight) -> torch.Tensor:

@@ -25,7 +25,7 @@
 // are 3.27 waves on 132 SMs: 82% of the time on whole tiles alone). A split tile's CTAs leave
 // their fp32 sums in the workspace and count in; the CTA of its last k-range waits for the count,
 // adds the sums in a fixed order (deterministic results) and writes the tile. The host picks BN
-// and the split from a cost model (pick_bn, schedule).
+// and the split from a cost model (pick, schedule).
 //
 // Shared layout per stage. x: BN rows of BK = 64 elements (128 bytes), written by TMA with the
 // 128-byte swizzle (16-byte chunk j of row r stored at chunk j ^ (r % 8)), the layout wgmma's
@@ -420,22 +420,27 @@ Schedule schedule(int64_t tiles, int kts, int sms) {
   return sc;
 }
 
-// Tokens per tile: the fewest tile-times, weighted by each tile's speed per token measured on an H100 at
-// FLUX.1-dev's shapes (bench/NOTES.md, session 16: 192 the fastest, 256 has room for 4 stages only, 128
-// pays its per-tile costs over fewer tokens). BITKERNEL_SM90_BN forces one, for measurements.
-int pick_bn(int64_t M, int64_t N, int kts, int sms) {
+// Tokens per tile (and its schedule): the fewest tile-times, weighted by each tile's speed per token
+// measured on an H100 at FLUX.1-dev's shapes (bench/NOTES.md, session 16: 192 the fastest, 256 has room
+// for 4 stages only, 128 pays its per-tile costs over fewer tokens). BITKERNEL_SM90_BN forces one.
+struct Choice {
+  int bn = 192;
+  Schedule sc;
+};
+Choice pick(int64_t M, int64_t N, int kts, int sms) {
   static const int forced = [] {
     const char* v = std::getenv("BITKERNEL_SM90_BN");
     const int b = v ? std::atoi(v) : 0;
     return b == 128 || b == 192 || b == 256 ? b : 0;
   }();
-  if (forced) return forced;
-  int best = 192;
+  Choice best;
   double best_cost = 0;
   for (int bn : {192, 256, 128}) {
+    if (forced && bn != forced) continue;
     const double speed = bn == 192 ? 1.0 : bn == 256 ? 0.98 : 0.82;
-    const double cost = schedule(((M + bn - 1) / bn) * ((N + BM - 1) / BM), kts, sms).rounds * bn / speed;
-    if (best_cost == 0 || cost < best_cost) best = bn, best_cost = cost;
+    const Schedule sc = schedule(((M + bn - 1) / bn) * ((N + BM - 1) / BM), kts, sms);
+    const double cost = sc.rounds * bn / speed;
+    if (best_cost == 0 || cost < best_cost) best = {bn, sc}, best_cost = cost;
   }
   return best;
 }
@@ -480,8 +485,9 @@ bool gemm_ternary_sm90_cuda(const void* x, int dtype, int64_t M, int64_t K, cons
   if (workspace_bytes < gemm_ternary_sm90_workspace_bytes(info.sms)) return false;
 
   const int kts = static_cast<int>(K / BK);
-  const int bn = pick_bn(M, N, kts, info.sms);
-  const Schedule sc = schedule(((M + bn - 1) / bn) * ((N + BM - 1) / BM), kts, info.sms);
+  const Choice choice = pick(M, N, kts, info.sms);
+  const int bn = choice.bn;
+  const Schedule& sc = choice.sc;
   if (sc.rounds * kts < min_ktiles) return false;
   CUtensorMap tx, tw, ty;
   const auto type = dtype == BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;

@@ -316,8 +316,23 @@ def _linear_kernels(
 _sm90_workspace: dict[tuple[int, int], torch.Tensor] = {}
 
 
+@functools.cache
+def _sm90_sms(index: int) -> int:
+    """The SM count of CUDA device `index` if the sm_90 GEMM can run there (this build has its sm_90a image and
+    the device is sm_90), else 0."""
+    if not hasattr(C, "gemm_ternary_sm90_cuda") or _capability(index) != (9, 0):
+        return 0
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm90_gemm_applies(dev: torch.device) -> bool:
+    """Whether W1.58A16 above SMALL_M rows may run on bitkernel's sm_90 GEMM on `dev` (it still declines shapes
+    it does not take, or with too little work: SM90_MIN_KTILES)."""
+    return SM90_GEMM and dev.type == "cuda" and _sm90_sms(dev.index) > 0
+
+
 def _sm90_ws(lib, dev: torch.device, stream: int) -> torch.Tensor:
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sms = _sm90_sms(dev.index)
     if torch.cuda.is_current_stream_capturing():
         ws = torch.empty(lib.gemm_ternary_sm90_workspace_bytes(sms), dtype=torch.uint8, device=dev)
         ws[: lib.SM90_COUNT_BYTES_PER_SM * sms].zero_()
@@ -334,17 +349,16 @@ def _gemm_sm90(
 ) -> Optional[torch.Tensor]:
     """x2 @ W.T (+ bias, or + base in place) by the sm_90 GEMM on the packed weights; None where it does not
     apply (the build has no sm_90a image, the device is not sm_90, the format or shape is not its)."""
-    gemm = getattr(lib, "gemm_ternary_sm90_cuda", None)
-    if gemm is None or not SM90_GEMM or qw.fmt != "ternary" or qw.group_size:
-        return None
-    if _capability(x2.device.index) != (9, 0):  # the kernel would decline: no workspace for it
+    if qw.fmt != "ternary" or qw.group_size or not sm90_gemm_applies(x2.device):
         return None
     m, k, n = x2.shape[0], qw.in_features, qw.out_features
     ws = _sm90_ws(lib, x2.device, stream)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if base is None else base
     bias_ptr = _ptr(bias) if base is None else 0  # the base holds it already
-    ok = gemm(_ptr(x2), DTYPE_CODES[x2.dtype], m, k, _ptr(qw.qweight), _ptr(qw.scale), n, bias_ptr,
-              base is not None, _ptr(y), _ptr(ws), ws.numel(), SM90_MIN_KTILES, stream)
+    ok = lib.gemm_ternary_sm90_cuda(
+        _ptr(x2), DTYPE_CODES[x2.dtype], m, k, _ptr(qw.qweight), _ptr(qw.scale), n, bias_ptr,
+        base is not None, _ptr(y), _ptr(ws), ws.numel(), SM90_MIN_KTILES, stream,
+    )
     return y if ok else None
 
 
