@@ -186,3 +186,20 @@ def test_every_tile_height(bn):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tests_dir, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_reduce_overhead_compile_warms_up_without_keeping_a_workspace_in_its_pool():
+    """torch.compile's mode "reduce-overhead" first runs the function eagerly with the current stream's allocations
+    sent to its CUDA graph pool, then fails if any of them is still alive and not an output. The workspace made on
+    that first call (a fresh stream: none cached for it) is allocated outside that pool."""
+    x, qw, bias = operands(512, 1024, 1024, torch.bfloat16, 31)
+    expect = F.linear(x, qw, bias)
+    torch.cuda.synchronize()
+    F._sm90_workspace.clear()  # so that the warm-up makes one
+    lin = torch.compile(lambda t: F.linear(t, qw, bias) * 1.0, mode="reduce-overhead")
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for _ in range(4):  # warm-up, record, replays
+            y = lin(x).clone()
+    torch.cuda.synchronize()
+    assert F._sm90_workspace
+    torch.testing.assert_close(y, expect, rtol=0, atol=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from typing import Optional
 
@@ -339,9 +340,34 @@ def _sm90_ws(lib, dev: torch.device, stream: int) -> torch.Tensor:
         return ws
     ws = _sm90_workspace.get((dev.index, stream))
     if ws is None:
-        nbytes = lib.gemm_ternary_sm90_workspace_bytes(sms)
-        ws = _sm90_workspace[(dev.index, stream)] = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+        ws = _sm90_workspace[(dev.index, stream)] = _zeros_outside_graph_pools(
+            lib.gemm_ternary_sm90_workspace_bytes(sms), dev
+        )
     return ws
+
+
+def _zeros_outside_graph_pools(nbytes: int, dev: torch.device) -> torch.Tensor:
+    """A zeroed uint8 tensor that is kept for good, allocated on a helper thread: torch.compile's mode
+    "reduce-overhead" warms up with the calling thread's allocations sent to its CUDA graph pool, and fails when
+    one of them stays alive without being an output of the graph ("tensor(s) in the cudagraph pool not tracked as
+    outputs"). The helper zeroes it on its own stream and waits, so the first launch that reads it may follow."""
+    box: list = []
+
+    def make() -> None:
+        try:
+            with torch.cuda.device(dev):
+                t = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+                torch.cuda.current_stream(dev).synchronize()
+            box.append(t)
+        except BaseException as exc:  # re-raised on the calling thread
+            box.append(exc)
+
+    helper = threading.Thread(target=make, name="bitkernel-workspace")
+    helper.start()
+    helper.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
 
 
 def _gemm_sm90(
