@@ -118,6 +118,24 @@ def test_a_trainable_branch_gets_its_gradients(device, m):
         torch.testing.assert_close(q(x), apart, rtol=2e-2, atol=2e-2)
 
 
+def test_a_gradient_through_the_op_is_an_error(device):
+    """No backward: x that requires a gradient is refused with a message, never passed on with no gradient (what
+    autograd's fallback for an op without an autograd kernel does), eagerly, through the dispatcher and compiled.
+    Without grad mode, or under inference mode as ComfyUI runs, the op runs."""
+    q = TernaryLinear.from_linear(torch.nn.Linear(64, 16).to(device, torch.bfloat16))
+    x = torch.randn(3, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    args = (x, q.quantized.qweight, q.quantized.scale, None, q.bias, 0, 0, False, None, None)
+    for call in (lambda: q(x), lambda: torch.ops.bitkernel.linear.default(*args)):
+        with pytest.raises(RuntimeError, match="no backward"):
+            call().float().sum().backward()
+    with pytest.raises(RuntimeError, match="no backward"):
+        torch.compile(q, backend="aot_eager")(x)
+    with torch.no_grad():
+        expect = q(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.ops.bitkernel.linear.default(*args), expect, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 7, 33, 512])
 def test_add_lowrank_rounds_once_against_float32(device, dtype, m):

@@ -1,10 +1,11 @@
 """Quantize, dequantize and the quantized linear product, on CPU and CUDA tensors.
 
-`linear` is the torch custom op `bitkernel::linear` (with a fake implementation,
-so it traces under torch.compile and can be captured in CUDA graphs: it never
-synchronises and allocates only through torch). Eagerly, on plain tensors that
-need no gradient, `linear` calls the op's implementation without the custom-op
-dispatch, whose host time (~10 us a call) a FLUX step pays ~500 times.
+`linear` is the torch op `bitkernel::linear` (with a fake implementation, so it
+traces under torch.compile and can be captured in CUDA graphs: it never
+synchronises and allocates only through torch; no backward: a gradient through
+it is an error). Eagerly, on plain tensors that need no gradient, `linear` calls
+the op's implementation without the dispatcher, whose host time a FLUX step pays
+~500 times.
 
 W1.58A8 on sm_89+ (Ada, Hopper and newer) with at least FP8_MIN_M rows runs as
 an FP8 e4m3 GEMM (`torch._scaled_mm` with row-wise scales): ternary weights are
@@ -245,7 +246,34 @@ def _linear_impl(
     return y.reshape(*x.shape[:-1], n)
 
 
-_linear_op = torch.library.custom_op("bitkernel::linear", _linear_impl, mutates_args=())
+# The op, registered with the dispatcher directly (a Library with the implementation as its CPU and CUDA kernels)
+# rather than through torch.library.custom_op, whose Python layers around the kernel cost ~45 us a call on an
+# H100 machine's host (bench/NOTES.md, session 17): compiled code calls the op on every layer.
+_LIBRARY = torch.library.Library("bitkernel", "DEF")
+_LIBRARY.define(
+    "linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? bias, int fmt, int group_size, "
+    "bool act_int8, Tensor? down, Tensor? up) -> Tensor"
+)
+for _key in ("CPU", "CUDA"):
+    _LIBRARY.impl("linear", _linear_impl, _key)
+_linear_op = torch.ops.bitkernel.linear.default
+
+
+def _linear_autograd(x, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up):
+    """The op's autograd kernel: an error where a gradient would have to flow through it (without one, autograd's
+    fallback would give no gradient and only warn), else the kernel below. Under torch.inference_mode, as
+    ComfyUI runs its nodes, the dispatcher skips it."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, down, up)):
+        raise RuntimeError(
+            "bitkernel.linear has no backward: x, the bias or the low-rank branch requires a gradient through the "
+            "quantized product. Detach them or run under torch.no_grad(); a branch to train goes in `lowrank` "
+            "(bitkernel.nn: set_lora), which then runs as torch ops"
+        )
+    with torch._C._AutoDispatchBelowAutograd():
+        return _linear_op(x, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up)
+
+
+_LIBRARY.impl("linear", _linear_autograd, "Autograd")
 
 
 def _linear_kernels(
@@ -388,7 +416,7 @@ def _gemm_sm90(
     return y if ok else None
 
 
-@_linear_op.register_fake
+@torch.library.register_fake("bitkernel::linear")
 def _linear_fake(x, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
