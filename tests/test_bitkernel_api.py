@@ -119,9 +119,9 @@ def test_a_trainable_branch_gets_its_gradients(device, m):
 
 
 def test_a_gradient_through_the_op_is_an_error(device):
-    """No backward: x that requires a gradient is refused with a message, never passed on with no gradient (what
+    """No backward: a gradient through the op is refused with a message, never passed on as no gradient (what
     autograd's fallback for an op without an autograd kernel does), eagerly, through the dispatcher and compiled.
-    Without grad mode, or under inference mode as ComfyUI runs, the op runs."""
+    The forward runs; without grad mode, or under inference mode as ComfyUI runs, the same."""
     q = TernaryLinear.from_linear(torch.nn.Linear(64, 16).to(device, torch.bfloat16))
     x = torch.randn(3, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     args = (x, q.quantized.qweight, q.quantized.scale, None, q.bias, 0, 0, False, None, None)
@@ -129,7 +129,7 @@ def test_a_gradient_through_the_op_is_an_error(device):
         with pytest.raises(RuntimeError, match="no backward"):
             call().float().sum().backward()
     with pytest.raises(RuntimeError, match="no backward"):
-        torch.compile(q, backend="aot_eager")(x)
+        torch.compile(q, backend="aot_eager")(x).float().sum().backward()
     with torch.no_grad():
         expect = q(x)
     with torch.inference_mode():

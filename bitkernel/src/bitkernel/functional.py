@@ -259,21 +259,17 @@ for _key in ("CPU", "CUDA"):
 _linear_op = torch.ops.bitkernel.linear.default
 
 
-def _linear_autograd(x, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up):
-    """The op's autograd kernel: an error where a gradient would have to flow through it (without one, autograd's
-    fallback would give no gradient and only warn), else the kernel below. Under torch.inference_mode, as
-    ComfyUI runs its nodes, the dispatcher skips it."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, down, up)):
-        raise RuntimeError(
-            "bitkernel.linear has no backward: x, the bias or the low-rank branch requires a gradient through the "
-            "quantized product. Detach them or run under torch.no_grad(); a branch to train goes in `lowrank` "
-            "(bitkernel.nn: set_lora), which then runs as torch ops"
-        )
-    with torch._C._AutoDispatchBelowAutograd():
-        return _linear_op(x, qweight, scale, zero, bias, fmt, group_size, act_int8, down, up)
+def _no_backward(ctx, grad):
+    raise RuntimeError(
+        "bitkernel.linear has no backward: x, the bias or the low-rank branch needs a gradient through the quantized "
+        "product. Detach them or run under torch.no_grad(); a branch to train goes in `lowrank` (bitkernel.nn: "
+        "set_lora), which then runs as torch ops"
+    )
 
 
-_LIBRARY.impl("linear", _linear_autograd, "Autograd")
+# Without an autograd kernel, autograd's fallback would give no gradient and only warn. This one runs the forward
+# (below autograd, and not at all under torch.inference_mode, as ComfyUI runs its nodes) and refuses the backward.
+torch.library.register_autograd("bitkernel::linear", _no_backward)
 
 
 def _linear_kernels(
